@@ -1,0 +1,500 @@
+"""The App: register handlers with decorators, publish typed events, run the consumers.
+
+::
+
+    app = App("shop", broker="sqlite:///shop.db")
+
+    @app.subscriber("orders", group="inventory")
+    async def reserve_stock(event: OrderPlaced, ctx: Context) -> None:
+        await ctx.publish("inventory", StockReserved(order_id=event.order_id))
+
+    async with app:                       # connect, subscribe, start consuming
+        await app.publish("orders", OrderPlaced(...), key="order-1")
+
+``app.run()`` does the same until SIGINT/SIGTERM, then shuts down gracefully: stop fetching,
+let running handlers finish (up to ``shutdown_timeout`` seconds), ack them, close. Handlers still
+running after that are cancelled and their deliveries go back to the group — never lost.
+
+Subscribers of one ``(topic, group)`` share a subscription and split the messages by event type
+and filter. The default group is the app's name: one service, one consumer group per topic.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from herald.codec import Format, encode_many
+from herald.consumer import GroupConsumer
+from herald.inbox import InboxStore, MemoryInbox
+from herald.message import CONTENT_TYPE, CORRELATION_ID, OCCURRED_AT, SOURCE, Message, new_ids
+from herald.message import utc_now_rfc3339 as _utc_now
+from herald.middleware.base import Middleware
+from herald.middleware.dedupe import Dedupe
+from herald.middleware.retry import DEFAULT_RETRY, Retry
+from herald.subscriber import Filter, GroupSpec, make_handler, mark_publisher
+from herald.transports import Transport, open_transport, validate_name
+from herald.transports.base import Start
+
+__all__ = ["App"]
+
+log = logging.getLogger("herald")
+
+F = TypeVar("F", bound=Callable[..., Any])
+Hook = Callable[[], Awaitable[None]]
+
+DEFAULT_PREFETCH = 256
+
+
+class App:
+    """A service that publishes and consumes events over one broker.
+
+    :param name: the service name; sent as the ``source`` header and the default group.
+    :param broker: a URL (``sqlite:///file.db``, ``memory://``, ...) or a transport object.
+        Defaults to an SQLite file ``<name>.db`` in the working directory.
+    :param format: ``"json"`` (default) or ``"msgpack"`` for published payloads; consumers
+        decode either, by the ``content_type`` header.
+    :param retry: the retry policy of every subscriber that does not set its own.
+    :param middleware: wraps every handler call, first = outermost (see
+        :mod:`herald.middleware`); a subscriber's own middleware runs inside these.
+    :param shutdown_timeout: seconds running handlers get to finish on shutdown.
+    :param cascade_limit: most causal hops a chain of ``ctx.publish`` may take; past it the
+        message is dead-lettered with reason ``"cascade limit"``.
+    :param max_payload: largest payload in bytes this app publishes or handles (default
+        16 MiB, and never more than the transport's own limit). Publishing more raises
+        ``ValueError``; a larger message arriving is dead-lettered as ``"oversized payload"``.
+    :param inbox: the store ``subscriber(dedupe=True)`` uses. Default: an SQLite file beside
+        an SQLite broker (``<broker>.inbox.db``), in-process for ``memory://``; other brokers
+        need one given.
+    :param unhandled: what to do with a message of a type no handler of the group takes:
+        ``"ack"`` it (counted in ``stats.unhandled``) or ``"skip"`` it to
+        ``<topic>.<group>.skipped`` and ack.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        broker: str | Transport | None = None,
+        *,
+        format: Format = "json",
+        retry: Retry = DEFAULT_RETRY,
+        middleware: Sequence[Middleware] = (),
+        shutdown_timeout: float = 30.0,
+        cascade_limit: int = 64,
+        unhandled: Literal["ack", "skip"] = "ack",
+        inbox: InboxStore | None = None,
+        max_payload: int = 16 * 1024 * 1024,
+    ) -> None:
+        validate_name("app", name)
+        if format not in ("json", "msgpack"):
+            raise ValueError(f"format must be 'json' or 'msgpack', got {format!r}")
+        if unhandled not in ("ack", "skip"):
+            raise ValueError(f"unhandled must be 'ack' or 'skip', got {unhandled!r}")
+        if cascade_limit < 1:
+            raise ValueError("cascade_limit must be at least 1")
+        self.middleware = _check_middleware(middleware)
+        self.cascade_limit = cascade_limit
+        self.unhandled = unhandled
+        self._inbox = inbox
+        if max_payload < 1:
+            raise ValueError("max_payload must be at least 1 byte")
+        self.name = name
+        self.format: Format = format
+        self.retry = retry
+        self.shutdown_timeout = shutdown_timeout
+        if broker is None:
+            broker = f"sqlite:///{name}.db"
+        self._transport = open_transport(broker) if isinstance(broker, str) else broker
+        engine_limit = self._transport.features.max_payload
+        self.max_payload = min(max_payload, engine_limit) if engine_limit else max_payload
+        self._groups: dict[tuple[str, str], GroupSpec] = {}
+        self._group_retry: dict[tuple[str, str], Retry] = {}
+        self._group_middleware: dict[tuple[str, str], list[Middleware]] = {}
+        self._consumers: list[GroupConsumer] = []
+        self._stores: list[InboxStore] = []
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
+        self._tg: TaskGroup | None = None
+        self._running = 0
+        self._all_stopped = anyio.Event()
+        self._started = False
+
+    # --- registration ---------------------------------------------------------------------------
+
+    def subscriber(
+        self,
+        topic: str,
+        *,
+        group: str | None = None,
+        concurrency: int = 1,
+        ordered: bool = False,
+        filter: Filter | None = None,
+        start: Start = "earliest",
+        prefetch: int | None = None,
+        retry: Retry | None = None,
+        middleware: Sequence[Middleware] = (),
+        dedupe: bool | InboxStore | Dedupe = False,
+    ) -> Callable[[F], F]:
+        """Register the decorated function as a handler of ``topic`` in ``group``.
+
+        :param concurrency: deliveries of this group handled at once in this process.
+        :param ordered: handle one key at a time, in order (with ``concurrency`` > 1, keys are
+            spread over workers; each key always goes to the same one).
+        :param filter: a predicate over the :class:`~herald.Message`; messages it rejects are
+            acked without running the handler (content-based routing).
+        :param start: where a group seen for the first time starts: ``"earliest"`` retained
+            message or ``"latest"``.
+        :param prefetch: deliveries fetched per batch (default 256).
+        :param retry: this group's retry policy (default: the app's).
+        :param middleware: this group's middleware, inside the app's.
+        :param dedupe: make the group an idempotent consumer: ``True`` (the app's inbox), an
+            :class:`~herald.inbox.InboxStore`, or a configured
+            :class:`~herald.middleware.dedupe.Dedupe`. It runs outside all other middleware.
+        """
+        validate_name("topic", topic)
+        group = validate_name("group", group or self.name)
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if start not in ("earliest", "latest"):
+            raise ValueError(f"start must be 'earliest' or 'latest', got {start!r}")
+        if prefetch is not None and prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        own_middleware = _check_middleware(middleware)
+        if dedupe is not False:
+            own_middleware.insert(0, self._dedupe(dedupe))
+
+        def register(func: F) -> F:
+            if self._started:
+                raise RuntimeError("subscribers must be registered before the app starts")
+            # the decorating frame's locals resolve postponed annotations of local classes
+            handler = make_handler(func, filter, sys._getframe(1).f_locals)
+            key = (topic, group)
+            spec = self._groups.get(key)
+            if spec is None:
+                spec = self._groups[key] = GroupSpec(
+                    topic, group, concurrency, ordered, start, prefetch or DEFAULT_PREFETCH
+                )
+            elif (concurrency, ordered, start) != (1, False, "earliest") and (
+                spec.concurrency,
+                spec.ordered,
+                spec.start,
+            ) != (concurrency, ordered, start):
+                raise ValueError(
+                    f"group {group!r} on {topic!r} is already registered with other settings; "
+                    "give concurrency/ordered/start on one subscriber of the group only"
+                )
+            spec.add(handler)
+            if retry is not None:
+                if self._group_retry.get(key, retry) != retry:
+                    raise ValueError(f"group {group!r} on {topic!r} has two retry policies")
+                self._group_retry[key] = retry
+            if own_middleware:
+                if key in self._group_middleware:
+                    raise ValueError(f"group {group!r} on {topic!r} has middleware twice")
+                self._group_middleware[key] = own_middleware
+            return func
+
+        return register
+
+    def _dedupe(self, dedupe: bool | InboxStore | Dedupe) -> Dedupe:
+        if isinstance(dedupe, Dedupe):
+            return dedupe
+        if isinstance(dedupe, InboxStore):
+            return Dedupe(dedupe)
+        if dedupe is not True:
+            raise TypeError(f"dedupe= takes True, an InboxStore or a Dedupe, got {dedupe!r}")
+        return Dedupe(self.inbox)
+
+    @property
+    def inbox(self) -> InboxStore:
+        """The app's default inbox store (created on first use)."""
+        if self._inbox is None:
+            self._inbox = default_inbox(self._transport)
+        return self._inbox
+
+    def publisher(self, topic: str) -> Callable[[F], F]:
+        """Publish the decorated handler's return value (unless ``None``) to ``topic``."""
+
+        def mark(func: F) -> F:
+            mark_publisher(func, topic)
+            return func
+
+        return mark
+
+    def on_startup(self, hook: Hook) -> Hook:
+        """Run ``hook`` after connecting, before consumers start."""
+        self._startup.append(hook)
+        return hook
+
+    def on_shutdown(self, hook: Hook) -> Hook:
+        """Run ``hook`` after consumers stopped, before disconnecting."""
+        self._shutdown.append(hook)
+        return hook
+
+    def set_concurrency(self, concurrency: int) -> None:
+        """Set every group's concurrency (``herald run --concurrency``); before start only."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if self._started:
+            raise RuntimeError("concurrency must be set before the app starts")
+        for spec in self._groups.values():
+            spec.concurrency = concurrency
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    @property
+    def consumers(self) -> list[GroupConsumer]:
+        """The running group consumers (empty before start); each has ``.stats``."""
+        return list(self._consumers)
+
+    # --- publishing -----------------------------------------------------------------------------
+
+    def message(
+        self,
+        topic: str,
+        event: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str | None = None,
+    ) -> Message:
+        """Build the envelope :meth:`publish` would send, without sending it."""
+        return self._build(topic, (event,), key, headers, type)[0]
+
+    def _build(
+        self,
+        topic: str,
+        events: Iterable[Any],
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        type_: str | None,
+    ) -> list[Message]:
+        # the publish hot path: everything shared by the batch is worked out once
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key must be a str or None, got {type_of(key)}")
+        if headers:
+            for k, v in headers.items():
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise TypeError(f"header {k!r}: names and values must be str, got {v!r}")
+        if not isinstance(events, Sequence):
+            events = list(events)
+        encoded = encode_many(events, self.format)
+        ids = new_ids(len(encoded))
+        occurred_at, source = _utc_now(), self.name
+        out = []
+        limit = self.max_payload
+        for mid, (payload, type_name, content_type) in zip(ids, encoded, strict=True):
+            if len(payload) > limit:
+                raise ValueError(
+                    f"payload of {len(payload):,} bytes for topic {topic!r} exceeds the app's "
+                    f"max_payload of {limit:,} bytes"
+                )
+            h = {
+                CORRELATION_ID: mid,
+                OCCURRED_AT: occurred_at,
+                SOURCE: source,
+                CONTENT_TYPE: content_type,
+            }
+            if headers:
+                h.update(headers)
+            out.append(
+                Message(
+                    id=mid,
+                    topic=topic,
+                    payload=payload,
+                    key=key,
+                    type=type_ or type_name,
+                    headers=h,
+                )
+            )
+        return out
+
+    async def publish(
+        self,
+        topic: str,
+        event: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str | None = None,
+    ) -> str:
+        """Publish one event; return its message id once the broker holds it durably.
+
+        Raises ``TypeError`` if ``event`` cannot be serialised.
+        """
+        msg = self.message(topic, event, key=key, headers=headers, type=type)
+        await self._transport.publish(topic, [msg])
+        return msg.id
+
+    async def publish_many(
+        self,
+        topic: str,
+        events: Iterable[Any],
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str | None = None,
+    ) -> list[str]:
+        """Publish several events as one batch (one durable write where the broker allows)."""
+        msgs = self._build(topic, events, key, headers, type)
+        if msgs:
+            await self._transport.publish(topic, msgs)
+        return [m.id for m in msgs]
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect, run startup hooks, subscribe every group and start consuming."""
+        if self._started:
+            raise RuntimeError(f"app {self.name!r} is already running")
+        self._started = True
+        try:
+            await self._transport.connect()
+            for key, spec in self._groups.items():
+                for h in spec.handlers:
+                    h.bind()
+                middleware = [*self.middleware, *self._group_middleware.get(key, ())]
+                retry = self._group_retry.get(key, self.retry)
+                self._consumers.append(GroupConsumer(self, spec, retry, middleware))
+            # inbox stores can serve several groups: the app opens and closes each once
+            for consumer in self._consumers:
+                for m in consumer.chain:
+                    if isinstance(m, Dedupe) and all(m.store is not s for s in self._stores):
+                        self._stores.append(m.store)
+                        await m.store.open()
+            for hook in self._startup:
+                await hook()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+            raise
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._all_stopped = anyio.Event()
+        try:
+            for consumer in self._consumers:
+                self._running += 1
+                await self._tg.start(self._run_consumer, consumer)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "%s started on %s with %d group(s)",
+            self.name,
+            self._transport.url,
+            len(self._consumers),
+        )
+
+    async def _run_consumer(
+        self, consumer: GroupConsumer, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        try:
+            await consumer.run(task_status=task_status)
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._all_stopped.set()
+
+    async def stop(self) -> None:
+        """Graceful shutdown: stop fetching, wait for running handlers, close. Idempotent."""
+        if not self._started or self._tg is None:
+            return
+        tg, self._tg = self._tg, None
+        for c in self._consumers:
+            c.stop()
+        if self._running:
+            with anyio.move_on_after(self.shutdown_timeout) as scope:
+                await self._all_stopped.wait()
+            if scope.cancelled_caught:
+                log.warning(
+                    "%s: handlers still running after %.1fs; cancelling them (their messages "
+                    "will be redelivered)",
+                    self.name,
+                    self.shutdown_timeout,
+                )
+                tg.cancel_scope.cancel()
+        try:
+            await tg.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    for hook in self._shutdown:
+                        await hook()
+                finally:
+                    await self._release()
+            log.info("%s stopped", self.name)
+
+    async def _release(self) -> None:
+        """Close inbox stores and the transport; forget the consumers. Shielded by callers."""
+        stores, self._stores = self._stores, []
+        try:
+            for store in stores:
+                await store.close()
+        finally:
+            await self._transport.close()
+            self._consumers.clear()
+            self._running = 0
+            self._started = False
+
+    def run(self) -> None:
+        """Run until SIGINT or SIGTERM, then shut down gracefully."""
+        anyio.run(self.serve)
+
+    async def serve(self) -> None:
+        """The async body of :meth:`run`: start, wait for a termination signal, stop."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with self:
+                # Everything alive now (modules, handlers, connections) lives as long as the
+                # worker: keep it out of the cyclic GC's passes, which otherwise rescan it for
+                # every burst of message garbage (20-30% of throughput on the in-process bus).
+                gc.freeze()
+                async for signum in signals:
+                    log.info(
+                        "%s: received %s, shutting down", self.name, signal.Signals(signum).name
+                    )
+                    break
+
+
+def default_inbox(transport: Transport) -> InboxStore:
+    """The inbox that goes with a transport when the app names none."""
+    scheme = transport.url.split("://", 1)[0]
+    if scheme == "memory":
+        return MemoryInbox()
+    if scheme == "sqlite":
+        from herald.inbox.sqlite import SqliteInbox
+
+        path = getattr(transport, "path", None)
+        if isinstance(path, str):
+            return SqliteInbox(f"{path}.inbox.db")
+    raise ValueError(
+        f"dedupe=True has no default inbox for {transport.url}; pass App(inbox=...) "
+        "(herald.inbox: SqliteInbox, PostgresInbox, RedisInbox, MemoryInbox)"
+    )
+
+
+def _check_middleware(middleware: Sequence[Middleware]) -> list[Middleware]:
+    items = list(middleware)
+    for m in items:
+        if not isinstance(m, Middleware):
+            raise TypeError(f"middleware must be herald.middleware.Middleware objects, got {m!r}")
+    return items
+
+
+def type_of(value: object) -> str:
+    return type(value).__name__

@@ -1,0 +1,157 @@
+"""Dead-letter tooling: look at, replay and purge a group's dead letters.
+
+``DeadLetters(broker, "orders.billing.dlq")`` works on one dead-letter topic (see
+:func:`herald.dead_letter_topic`). It reads through its own consumer group, ``herald.dlq``,
+on that topic:
+
+* :meth:`DeadLetters.list` / :meth:`DeadLetters.show` *peek*: they fetch and then hand the
+  messages back unacked, so nothing changes.
+* :meth:`DeadLetters.replay` publishes each chosen dead letter back to its original topic —
+  payload, key, type and original headers as they were, a new id, plus ``replay_group`` naming
+  the group that failed it, so the other groups of that topic (which handled it fine) skip it —
+  then acks it off the dead-letter topic. A replay that fails again is dead-lettered again.
+* :meth:`DeadLetters.purge` acks chosen dead letters without replaying them.
+
+Dead letters not chosen by ``where`` stay where they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+
+from herald.message import Message, new_id
+from herald.transports import Transport, open_transport, validate_name
+from herald.transports.base import Delivery, Subscription
+
+__all__ = ["REPLAY_GROUP", "TOOL_GROUP", "DeadLetters"]
+
+#: Header on a replayed message: only this group handles it; other groups ack and skip it.
+REPLAY_GROUP = "replay_group"
+#: The consumer group the tooling reads dead-letter topics with.
+TOOL_GROUP = "herald.dlq"
+
+Where = Callable[[Message], bool]
+Progress = Callable[[int], None]
+
+_FETCH = 256
+_QUIET = 0.3  # seconds without a delivery that mean "no more dead letters for now"
+
+
+class DeadLetters:
+    """One dead-letter topic on one broker. Use as ``async with DeadLetters(...) as dlq:``."""
+
+    def __init__(self, broker: str | Transport, topic: str) -> None:
+        self.topic = validate_name("topic", topic)
+        self._own = isinstance(broker, str)
+        self._transport = open_transport(broker) if isinstance(broker, str) else broker
+
+    async def __aenter__(self) -> DeadLetters:
+        if self._own:
+            await self._transport.connect()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._own:
+            await self._transport.close()
+
+    async def list(self, limit: int = 100, where: Where | None = None) -> list[Message]:
+        """Up to ``limit`` dead letters (matching ``where``), oldest first. Changes nothing."""
+        out: list[Message] = []
+        sub = await self._subscribe()
+        try:
+            async for d in _drain(sub):
+                if where is None or where(d.message):
+                    out.append(d.message)
+                    if len(out) >= limit:
+                        break
+        finally:
+            await sub.close()  # hands everything back
+        return out
+
+    async def show(self, message_id: str) -> Message | None:
+        """The dead letter with this id, or whose original message had it."""
+        found = await self.list(
+            limit=1,
+            where=lambda m: message_id in (m.id, m.headers.get("dlq.original_id")),
+        )
+        return found[0] if found else None
+
+    async def replay(
+        self, limit: int | None = None, where: Where | None = None, progress: Progress | None = None
+    ) -> int:
+        """Publish chosen dead letters back to their original topics; return how many."""
+
+        async def act(d: Delivery) -> None:
+            m = d.message
+            original = m.headers.get("dlq.original_topic")
+            group = m.headers.get("dlq.group")
+            if not original or not group:
+                raise ValueError(f"{m.id} on {self.topic} has no dlq.original_topic/dlq.group")
+            await self._transport.publish(original, [replay_of(m, group)])
+
+        return await self._each(act, limit, where, progress)
+
+    async def purge(
+        self, limit: int | None = None, where: Where | None = None, progress: Progress | None = None
+    ) -> int:
+        """Remove chosen dead letters for good; return how many."""
+
+        async def act(d: Delivery) -> None:
+            return None
+
+        return await self._each(act, limit, where, progress)
+
+    async def _each(
+        self,
+        act: Callable[[Delivery], Awaitable[None]],
+        limit: int | None,
+        where: Where | None,
+        progress: Progress | None,
+    ) -> int:
+        done = 0
+        sub = await self._subscribe()
+        try:
+            async for d in _drain(sub):
+                if limit is not None and done >= limit:
+                    break
+                if where is not None and not where(d.message):
+                    continue
+                await act(d)
+                await sub.ack([d])  # one by one: an interruption never acks what was not done
+                done += 1
+                if progress is not None:
+                    progress(done)
+        finally:
+            await sub.close()
+        return done
+
+    async def _subscribe(self) -> Subscription:
+        return await self._transport.subscribe(self.topic, TOOL_GROUP, start="earliest")
+
+
+async def _drain(sub: Subscription) -> AsyncIterator[Delivery]:
+    """Every delivery currently available, until the topic stays quiet for a moment."""
+    while True:
+        batch = await sub.fetch(_FETCH, _QUIET)
+        if not batch:
+            return
+        for d in batch:
+            yield d
+
+
+def replay_of(letter: Message, group: str) -> Message:
+    """The message a dead letter is replayed as: the original, addressed to ``group`` only."""
+    headers = {k: v for k, v in letter.headers.items() if not k.startswith("dlq.")}
+    headers[REPLAY_GROUP] = group
+    headers["replayed_from"] = letter.headers.get("dlq.original_id", letter.id)
+    return Message(
+        id=new_id(),
+        topic=letter.headers["dlq.original_topic"],
+        payload=letter.payload,
+        key=letter.key,
+        type=letter.type,
+        headers=headers,
+    )

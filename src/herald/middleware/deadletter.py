@@ -1,0 +1,85 @@
+"""Dead letters: where a message goes when handling it cannot succeed.
+
+Each group has its own dead-letter topic, ``<topic>.<group>.dlq``, so replaying a dead letter
+concerns only the group that failed it. A dead letter keeps the original payload byte for byte
+and the original headers, and adds headers prefixed ``dlq.`` that say why.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+from herald.message import Message, new_id, utc_now_rfc3339
+
+__all__ = ["DLQ_PREFIX", "dead_letter", "dead_letter_topic", "skipped", "skipped_topic"]
+
+DLQ_PREFIX = "dlq."
+_TRACEBACK_LIMIT = 4000  # characters; headers must stay small enough for every broker
+
+
+def dead_letter_topic(topic: str, group: str) -> str:
+    """The dead-letter topic of ``group`` on ``topic``."""
+    return f"{topic}.{group}.dlq"
+
+
+def dead_letter(
+    message: Message,
+    *,
+    group: str,
+    handler: str,
+    reason: str,
+    error: BaseException | None,
+    attempts: int,
+    first_failure_at: str | None = None,
+) -> Message:
+    """Build the dead letter for ``message`` (a new id; the original id is kept in a header)."""
+    now = utc_now_rfc3339()
+    headers = dict(message.headers)
+    headers.update(
+        {
+            "dlq.reason": reason,
+            "dlq.original_id": message.id,
+            "dlq.original_topic": message.topic,
+            "dlq.group": group,
+            "dlq.handler": handler,
+            "dlq.attempts": str(attempts),
+            "dlq.first_failure_at": first_failure_at or now,
+            "dlq.last_failure_at": now,
+        }
+    )
+    if error is not None:
+        tb = "".join(traceback.format_exception(error))
+        if len(tb) > _TRACEBACK_LIMIT:
+            tb = "…" + tb[-_TRACEBACK_LIMIT:]  # the end of a traceback is the useful part
+        headers["dlq.error_type"] = f"{type(error).__module__}.{type(error).__qualname__}"
+        headers["dlq.error"] = str(error)[:1000]
+        headers["dlq.traceback"] = tb
+    return Message(
+        id=new_id(),
+        topic=dead_letter_topic(message.topic, group),
+        payload=message.payload,
+        key=message.key,
+        type=message.type,
+        headers=headers,
+    )
+
+
+def skipped_topic(topic: str, group: str) -> str:
+    """Where ``App(unhandled="skip")`` puts messages of a type no handler of ``group`` takes."""
+    return f"{topic}.{group}.skipped"
+
+
+def skipped(message: Message, group: str) -> Message:
+    """A copy of ``message`` for the skipped topic, saying which group did not handle it."""
+    headers = dict(message.headers)
+    headers["skipped.original_id"] = message.id
+    headers["skipped.original_topic"] = message.topic
+    headers["skipped.group"] = group
+    return Message(
+        id=new_id(),
+        topic=skipped_topic(message.topic, group),
+        payload=message.payload,
+        key=message.key,
+        type=message.type,
+        headers=headers,
+    )

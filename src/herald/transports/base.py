@@ -1,0 +1,196 @@
+"""The transport contract: the one seam between Herald and a message engine.
+
+A transport moves :class:`~herald.message.Message` envelopes; it knows nothing of typed events,
+handlers or retries. Everything above it (codec, middleware, App) is written once against this
+contract, so handler code runs unchanged on every engine.
+
+Contract, in short:
+
+* :meth:`Transport.publish` returns only once the engine holds the messages durably (for a
+  persistent transport: fsync'd commit, publisher confirm, acks=all, PubAck).
+* :meth:`Transport.subscribe` joins ``group`` on ``topic``. A *group* is a set of competing
+  consumers: each message of the topic goes to one member of each group, and every group gets
+  every message (fan-out). A group that did not exist before starts at ``start``.
+* :meth:`Subscription.fetch` hands out :class:`Delivery` objects. Each must end in
+  :meth:`Subscription.ack` (done, never delivered to this group again) or
+  :meth:`Subscription.nack` (deliver again, after ``delay`` seconds, with ``attempt + 1``).
+  A delivery that is neither — the consumer crashed, was killed, or closed — comes back to the
+  group: at once on :meth:`Subscription.close`, after the visibility timeout on a crash.
+* :attr:`Transport.features` says what the engine guarantees. Code and tests branch on these
+  flags, never on the transport's class.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Self
+
+from herald.message import Message
+
+__all__ = [
+    "Delivery",
+    "Features",
+    "Start",
+    "Subscription",
+    "Transport",
+    "TransportError",
+    "validate_name",
+]
+
+#: Where a group seen for the first time starts reading: the oldest retained message, or only
+#: messages published from now on.
+Start = Literal["earliest", "latest"]
+
+
+class TransportError(Exception):
+    """The engine refused or could not be reached. The message says which URL (redacted) and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What a transport guarantees. Tests and middleware branch on these, never on class names."""
+
+    #: Published messages survive a restart of the consumer process and of the engine.
+    persistent: bool
+    #: Members of one group may live in different OS processes (or machines).
+    cross_process: bool
+    #: With one consumer and no nacks, deliveries of one key arrive in publish order.
+    ordered_per_key: bool
+    #: ``nack(delay=...)`` is honoured by the engine itself (not only while this process runs).
+    native_delay: bool
+    #: A new group with ``start="earliest"`` receives messages published before it existed.
+    replay: bool
+    #: Headers travel natively (otherwise they are packed into the payload frame).
+    headers: bool = True
+    #: Largest payload in bytes the engine accepts; ``None`` when only memory limits it.
+    max_payload: int | None = None
+    #: The engine may silently drop messages once this many wait for one consumer (Mosquitto's
+    #: ``max_queued_messages``, 1000 by default). ``None``: no such limit. A producer that runs
+    #: further ahead of its consumers than this loses messages; configure the broker.
+    max_backlog: int | None = None
+    #: The engine itself drops a message re-published with an id it has seen recently
+    #: (JetStream's Nats-Msg-Id window), so such a duplicate never reaches a consumer.
+    dedupes_by_id: bool = False
+
+
+class Delivery:
+    """One message handed to one consumer of a group.
+
+    ``attempt`` starts at 1 and grows with every redelivery of the message to the same group.
+    ``token`` is the transport's own handle (a row id, a stream entry id, a delivery tag);
+    nothing above the transport reads it.
+    """
+
+    __slots__ = ("attempt", "message", "token")
+
+    def __init__(self, message: Message, attempt: int, token: Any) -> None:
+        self.message = message
+        self.attempt = attempt
+        self.token = token
+
+    def __repr__(self) -> str:
+        m = self.message
+        return f"Delivery(id={m.id!r}, topic={m.topic!r}, attempt={self.attempt})"
+
+
+class Subscription(ABC):
+    """A consumer's membership of one group on one topic."""
+
+    topic: str
+    group: str
+
+    @abstractmethod
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Return 1..``max_messages`` deliveries, waiting at most ``timeout`` seconds for the
+        first; return ``[]`` if none arrived in time.
+
+        Cancellation never loses a message: anything claimed and not returned is redelivered
+        (at once, or after the visibility timeout).
+        """
+
+    @abstractmethod
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Mark deliveries as handled; this group will not see them again."""
+
+    @abstractmethod
+    async def nack(self, delivery: Delivery, delay: float = 0.0) -> None:
+        """Give a delivery back: it is delivered again to this group after ``delay`` seconds,
+        with ``attempt + 1``. Other messages are not held up meanwhile."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Leave the group. Unacked deliveries go back to the group. Idempotent."""
+
+
+class Transport(ABC):
+    """A connection to one message engine, opened from a URL."""
+
+    #: URL schemes this transport serves, e.g. ``("sqlite",)``.
+    schemes: ClassVar[tuple[str, ...]] = ()
+    features: Features
+
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str) -> Transport:
+        """Build a transport from its URL. Raises ``ValueError`` for a malformed URL.
+
+        Does no I/O; :meth:`connect` does.
+        """
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """The URL with any password replaced by ``***``: safe for logs and errors."""
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open connections. Raises :class:`TransportError` if the engine cannot be used."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close every subscription and connection. Idempotent."""
+
+    @abstractmethod
+    async def publish(self, topic: str, messages: Sequence[Message]) -> None:
+        """Store ``messages`` on ``topic``; return once the engine holds them durably.
+
+        ``message.topic`` is ignored in favour of ``topic``. Publishing to a topic that no
+        group has joined yet keeps the messages for groups that start at ``"earliest"``
+        (where :attr:`Features.replay` holds).
+        """
+
+    @abstractmethod
+    async def subscribe(self, topic: str, group: str, *, start: Start = "earliest") -> Subscription:
+        """Join ``group`` on ``topic`` and return the subscription."""
+
+    async def delete_topic(self, topic: str) -> None:
+        """Delete ``topic`` with its messages, groups and any helper objects (delay queues,
+        retry topics). For tests and tooling; a missing topic is not an error. Transports that
+        keep server-side state must implement it."""
+        return None
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+
+
+def validate_name(kind: str, name: str) -> str:
+    """Check a topic or group name: 1-200 of ``A-Z a-z 0-9 _ . -``, not starting with ``.``/``-``.
+
+    Every engine accepts these, so a name valid on SQLite stays valid on Kafka or RabbitMQ.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # fullmatch: no trailing \n
+        raise ValueError(
+            f"invalid {kind} name {name!r}: use 1-200 characters from A-Z a-z 0-9 _ . - "
+            "(not starting with '.' or '-')"
+        )
+    return name

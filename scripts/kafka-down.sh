@@ -17,7 +17,7 @@ for name in "${names[@]}"; do
     esac
     pidfile="$DATA/$name.pid"
     if [ -f "$pidfile" ]; then
-        start-stop-daemon --stop --oknodo --retry TERM/10/KILL/5 --pidfile "$pidfile" --remove-pidfile \
+        start-stop-daemon --stop --oknodo --retry TERM/30/KILL/5 --pidfile "$pidfile" --remove-pidfile \
             >/dev/null
         echo "kafka-down: $name stopped"
     else

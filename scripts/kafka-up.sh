@@ -8,14 +8,14 @@
 #
 # Idempotent: installs the packages only if missing, starts a broker only if its port is not
 # answering yet. Pid files and logs go to .kafka-data/. Exits non-zero with a message if a
-# broker does not answer within KAFKA_UP_TIMEOUT seconds (default 30).
+# broker does not answer within KAFKA_UP_TIMEOUT seconds (default 60).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
 PY="$VENV/bin/python"
 DATA="${KAFKA_DATA_DIR:-$PWD/.kafka-data}"
-TIMEOUT="${KAFKA_UP_TIMEOUT:-30}"
+TIMEOUT="${KAFKA_UP_TIMEOUT:-60}"
 
 if [ ! -x "$PY" ]; then
     echo "kafka-up: no Python at $PY (pass the venv as the first argument)" >&2

@@ -402,9 +402,19 @@ async def test_retry_delay_honoured_across_reopen(port: int) -> None:
 
 
 def _noida(action: str) -> None:
+    """Stop or start noida-db with the project's scripts; a start is tried three times, and a
+    failure says what the scripts and the broker's log said."""
     script = {"down": "scripts/kafka-down.sh", "up": "scripts/kafka-up.sh"}[action]
     args = [script, "noida"] if action == "down" else [script, ".venv"]
-    subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=60)
+    said = ""
+    for _ in range(3 if action == "up" else 1):
+        done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            return
+        said += done.stdout + done.stderr
+    log = ROOT / ".kafka-data" / "noida.log"
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise AssertionError(f"noida-db {action} failed:\n{said}\nnoida.log:\n{tail}")
 
 
 @pytest.mark.slow

@@ -141,6 +141,7 @@ class App:
         retry: Retry | None = None,
         middleware: Sequence[Middleware] = (),
         dedupe: bool | InboxStore | Dedupe = False,
+        transactional: bool = False,
     ) -> Callable[[F], F]:
         """Register the decorated function as a handler of ``topic`` in ``group``.
 
@@ -157,6 +158,11 @@ class App:
         :param dedupe: make the group an idempotent consumer: ``True`` (the app's inbox), an
             :class:`~herald.inbox.InboxStore`, or a configured
             :class:`~herald.middleware.dedupe.Dedupe`. It runs outside all other middleware.
+        :param transactional: consume-transform-produce as one transaction: what the handler
+            publishes through ``ctx.publish`` (and an ``@app.publisher`` return value) is held
+            until it succeeds, then published together with the ack, atomically — all of it
+            or none. Needs a transport with ``features.transactions`` (memory, SQLite, Kafka
+            with a broker that has transactions); the app refuses to start otherwise.
         """
         validate_name("topic", topic)
         group = validate_name("group", group or self.name)
@@ -179,7 +185,13 @@ class App:
             spec = self._groups.get(key)
             if spec is None:
                 spec = self._groups[key] = GroupSpec(
-                    topic, group, concurrency, ordered, start, prefetch or DEFAULT_PREFETCH
+                    topic,
+                    group,
+                    concurrency,
+                    ordered,
+                    start,
+                    prefetch or DEFAULT_PREFETCH,
+                    transactional,
                 )
             elif (concurrency, ordered, start) != (1, False, "earliest") and (
                 spec.concurrency,
@@ -189,6 +201,11 @@ class App:
                 raise ValueError(
                     f"group {group!r} on {topic!r} is already registered with other settings; "
                     "give concurrency/ordered/start on one subscriber of the group only"
+                )
+            if transactional and not spec.transactional:
+                raise ValueError(
+                    f"group {group!r} on {topic!r}: transactional=True must be given on the "
+                    "group's first subscriber"
                 )
             spec.add(handler)
             if retry is not None:

@@ -12,6 +12,12 @@ Concurrency: with ``concurrency=1`` deliveries are handled one by one in the fet
 fast path). With more, a fetcher feeds ``concurrency`` worker tasks; with ``ordered=True`` each
 key always goes to the same worker, so one key is handled one message at a time, in order.
 
+Transactional groups (``transactional=True``): what a handler publishes through its
+:class:`Context` is held in the context's outbox; when the batch is acked, the outboxes of the
+handled deliveries go out with the ack in one :meth:`Subscription.commit`. A failed attempt's
+outbox is dropped (each attempt starts empty), so only the successful attempt's messages are
+ever published. If the commit fails, the deliveries are nacked and handled again.
+
 Stopping: :meth:`stop` ends fetching; handlers already running finish; deliveries fetched but
 not started go back to the group when the subscription closes.
 """
@@ -95,6 +101,8 @@ class GroupConsumer:
         # fast path: one handler and no filter needs no dispatch loop
         self._only = handlers[0] if len(handlers) == 1 and handlers[0].filter is None else None
         self._skip_unhandled = app.unhandled == "skip"
+        # transactional groups: the outbox of each delivery being handled
+        self._outboxes: dict[Delivery, list[Message]] | None = {} if spec.transactional else None
 
     @property
     def chain(self) -> list[Middleware]:
@@ -113,7 +121,20 @@ class GroupConsumer:
         for m in self._chain:
             await m.startup()
         await self._keep_dead_letters()
-        self._sub = await self.app.transport.subscribe(spec.topic, spec.group, start=spec.start)
+        transport = self.app.transport
+        if spec.transactional and not transport.features.transactions:
+            raise ValueError(
+                f"group {spec.group!r} on {spec.topic!r} is transactional, but {transport.url} "
+                "has no transactions (features.transactions is False)"
+            )
+        self._sub = await transport.subscribe(spec.topic, spec.group, start=spec.start)
+        if spec.transactional:
+            try:
+                await self._sub.commit([], [])  # a broker without transactions says so now
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._sub.close()
+                raise
         task_status.started()
         try:
             if spec.concurrency == 1:
@@ -121,6 +142,8 @@ class GroupConsumer:
             else:
                 await self._run_pool(self._sub)
         finally:
+            if self._outboxes:
+                self._outboxes.clear()  # handlers cut off at shutdown: their messages never go out
             with anyio.CancelScope(shield=True):
                 await self._sub.close()
                 for m in reversed(self._chain):
@@ -255,20 +278,32 @@ class GroupConsumer:
                     await self._ack(sub, [d])
 
     async def _ack(self, sub: Subscription, done: list[Delivery]) -> None:
-        """Ack handled deliveries, after the middleware made their side state durable."""
+        """Ack handled deliveries, after the middleware made their side state durable (and,
+        in a transactional group, together with what their handlers published)."""
         with anyio.CancelScope(shield=True):
             try:
                 for m in self._flushers:
                     await m.before_ack()
+                if self._outboxes is not None:
+                    outboxes = self._outboxes
+                    out = [m for d in done for m in outboxes.pop(d, ())]
+                    await sub.commit(done, out)
+                    return
             except Exception:
                 log.exception(
-                    "group %s on %s: could not flush before ack; %d deliveries will be redelivered",
+                    "group %s on %s: could not commit; %d deliveries will be redelivered",
                     self.spec.group, self.spec.topic, len(done),
                 )  # fmt: skip
                 for d in done:
                     await sub.nack(d, self.retry.redelivery_backoff(1))
                 return
             await sub.ack(done)
+
+    def _context(self, d: Delivery, handler: str = "") -> Context:
+        ctx = Context(self.app, d.message, d.attempt, self.spec.group, handler)
+        if self._outboxes is not None:
+            ctx.outbox = self._outboxes[d] = []
+        return ctx
 
     # --- one delivery -------------------------------------------------------------------------
 
@@ -370,15 +405,11 @@ class GroupConsumer:
         return False
 
     async def _call(self, h: Handler, event: Any, d: Delivery) -> None:
-        ctx = (
-            Context(self.app, d.message, d.attempt, self.spec.group)
-            if h.wants_ctx or h.publishes
-            else None
-        )
+        ctx = self._context(d) if h.wants_ctx or h.publishes else None
         await self._invoke(h, event, ctx)
 
     async def _run_chain(self, h: Handler, event: Any, d: Delivery) -> None:
-        ctx = Context(self.app, d.message, d.attempt, self.spec.group, h.name)
+        ctx = self._context(d, h.name)
         retry = self._innermost_retry
 
         async def invoke() -> None:
@@ -399,6 +430,8 @@ class GroupConsumer:
         await call()
 
     async def _invoke(self, h: Handler, event: Any, ctx: Context | None) -> None:
+        if ctx is not None and ctx.outbox:
+            ctx.outbox.clear()  # a retried attempt publishes only what it publishes itself
         if h.is_async:
             result = await (h.func(event, ctx) if h.wants_ctx else h.func(event))
         else:
@@ -411,11 +444,15 @@ class GroupConsumer:
 
     async def _sub_nack(self, d: Delivery, delay: float) -> None:
         assert self._sub is not None
+        if self._outboxes is not None:
+            self._outboxes.pop(d, None)
         with anyio.CancelScope(shield=True):
             await self._sub.nack(d, delay)
 
     async def _dead_letter(self, d: Delivery, handler: str, error: Exception, reason: str) -> bool:
         msg = d.message
+        if self._outboxes is not None:
+            self._outboxes.pop(d, None)  # a failed handler's publishes never go out
         letter = dead_letter(
             msg,
             group=self.spec.group,

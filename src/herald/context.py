@@ -35,7 +35,7 @@ class Context:
     handler that returns has had all its publishes stored before its delivery is acked.
     """
 
-    __slots__ = ("app", "attempt", "group", "handler", "message", "state")
+    __slots__ = ("app", "attempt", "group", "handler", "message", "outbox", "state")
 
     def __init__(
         self, app: App, message: Message, attempt: int, group: str, handler: str = ""
@@ -48,6 +48,8 @@ class Context:
         self.handler = handler
         #: scratch space for middleware to hand things to the handler (e.g. a transaction)
         self.state: dict[str, Any] = {}
+        #: a transactional subscriber's publishes, held until they commit with the ack
+        self.outbox: list[Message] | None = None
 
     @property
     def correlation_id(self) -> str:
@@ -97,9 +99,12 @@ class Context:
         """
         if isinstance(key, InheritKey):
             key = self.message.key
-        return await self.app.publish(
-            topic, event, key=key, headers=self.causal_headers(headers), type=type
-        )
+        causal = self.causal_headers(headers)
+        if self.outbox is not None:  # transactional: published with the ack, or not at all
+            msg = self.app.message(topic, event, key=key, headers=causal, type=type)
+            self.outbox.append(msg)
+            return msg.id
+        return await self.app.publish(topic, event, key=key, headers=causal, type=type)
 
     def publish_sync(
         self,

@@ -54,6 +54,8 @@ class GroupSpec:
     ordered: bool
     start: Start
     prefetch: int
+    #: the handlers' ``ctx.publish`` calls and the ack commit as one transaction
+    transactional: bool = False
     handlers: list[Handler] = field(default_factory=list)
 
     def add(self, handler: Handler) -> None:

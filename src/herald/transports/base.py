@@ -16,6 +16,8 @@ Contract, in short:
   :meth:`Subscription.nack` (deliver again, after ``delay`` seconds, with ``attempt + 1``).
   A delivery that is neither — the consumer crashed, was killed, or closed — comes back to the
   group: at once on :meth:`Subscription.close`, after the visibility timeout on a crash.
+* :meth:`Subscription.commit` (where ``features.transactions``) publishes messages and acks
+  deliveries as one atomic step: consume-transform-produce without duplicates or losses.
 * :attr:`Transport.features` says what the engine guarantees. Code and tests branch on these
   flags, never on the transport's class.
 """
@@ -37,6 +39,7 @@ __all__ = [
     "Subscription",
     "Transport",
     "TransportError",
+    "by_topic",
     "validate_name",
 ]
 
@@ -74,6 +77,8 @@ class Features:
     #: The engine itself drops a message re-published with an id it has seen recently
     #: (JetStream's Nats-Msg-Id window), so such a duplicate never reaches a consumer.
     dedupes_by_id: bool = False
+    #: :meth:`Subscription.commit` publishes and acks as one atomic step (a transaction).
+    transactions: bool = False
 
 
 class Delivery:
@@ -119,6 +124,18 @@ class Subscription(ABC):
     async def nack(self, delivery: Delivery, delay: float = 0.0) -> None:
         """Give a delivery back: it is delivered again to this group after ``delay`` seconds,
         with ``attempt + 1``. Other messages are not held up meanwhile."""
+
+    async def commit(self, deliveries: Sequence[Delivery], messages: Sequence[Message]) -> None:
+        """Publish ``messages`` (each to its own ``topic``) and ack ``deliveries`` atomically:
+        once this returns all of it is durable; if it raises, none of it happened (the
+        deliveries stay unacked and the messages are never seen by consumers that read only
+        committed data). Only where ``features.transactions``; elsewhere it raises
+        :class:`TransportError`. ``commit([], [])`` checks that transactions work, at once.
+        """
+        raise TransportError(
+            f"{type(self).__name__}: this transport has no transactions (features.transactions "
+            "is False)"
+        )
 
     @abstractmethod
     async def close(self) -> None:
@@ -194,3 +211,15 @@ def validate_name(kind: str, name: str) -> str:
             "(not starting with '.' or '-')"
         )
     return name
+
+
+def by_topic(messages: Sequence[Message]) -> dict[str, list[Message]]:
+    """``messages`` grouped by their ``topic`` (names validated), in first-seen order."""
+    out: dict[str, list[Message]] = {}
+    for m in messages:
+        batch = out.get(m.topic)
+        if batch is None:
+            validate_name("topic", m.topic)
+            batch = out[m.topic] = []
+        batch.append(m)
+    return out

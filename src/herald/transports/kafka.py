@@ -35,7 +35,10 @@ URL options (query string):
 ``fetch_max``            records per fetch from the broker (default 500)
 ``connect_timeout``      seconds to keep retrying an unreachable broker (default 10)
 ``join_timeout``         seconds to wait for a group assignment on subscribe (default 60)
-``track_attempts``       store handout counts in commit metadata (default true)
+``strict_attempts``      ``true``: commit the handout counts before ``fetch`` returns, so a
+                         crash never hides a delivery from ``attempt`` (one more commit per
+                         fetch); ``false`` (default): they travel with the next ack commit
+                         (see :mod:`herald.transports.kafka_offsets`)
 ``idempotence``          ``auto`` (default), ``true``, ``false``
 ``isolation_level``      ``read_uncommitted`` (default) or ``read_committed``
 =======================  =================================================================
@@ -73,6 +76,7 @@ from herald.transports.base import (
 )
 from herald.transports.kafka_consumer import GroupMember, retry_topic
 from herald.transports.kafka_subscription import KafkaSubscription
+from herald.transports.kafka_transactions import KafkaTransactions
 from herald.transports.kafka_url import parse_url, redact_url
 from herald.transports.kafka_wire import encode_headers, record_size
 
@@ -100,7 +104,7 @@ class KafkaTransport(Transport):
         self.fetch_max: int = options["fetch_max"]
         self.join_timeout: float = options["join_timeout"]
         self.commit_timeout: float = options["commit_timeout"]
-        self.track_attempts: bool = options["track_attempts"] == "true"
+        self.strict_attempts: bool = options["strict_attempts"] == "true"
         self.max_request_size: int = options["max_request_size"]
         self.features = Features(
             persistent=True,
@@ -110,6 +114,7 @@ class KafkaTransport(Transport):
             replay=True,
             headers=True,
             max_payload=self.max_request_size - _OVERHEAD,
+            transactions=True,  # where the broker grants them: commit([], []) tells at once
         )
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
@@ -118,6 +123,7 @@ class KafkaTransport(Transport):
         self._members: dict[tuple[str, str], GroupMember] = {}
         self._member_locks: dict[tuple[str, str], anyio.Lock] = {}
         self._left: dict[tuple[str, str], dict[TopicPartition, tuple[int | None, str]]] = {}
+        self.transactions = KafkaTransactions(self)
         self.idempotent = False
         # keyless records: round-robin over partitions from a random start per process
         self._round_robin = itertools.count(random.randrange(1 << 16))
@@ -195,7 +201,7 @@ class KafkaTransport(Transport):
         mode = self.options["idempotence"]
         if mode != "false":
             try:
-                self._producer = await self._start_producer(idempotent=True)
+                self._producer = await self.start_producer(idempotent=True)
                 self.idempotent = True
                 return
             except UnknownError as e:  # the broker's InitProducerId refused the request
@@ -209,14 +215,18 @@ class KafkaTransport(Transport):
                     self.url,
                     e,
                 )
-        self._producer = await self._start_producer(idempotent=False)
+        self._producer = await self.start_producer(idempotent=False)
         self.idempotent = False
 
-    async def _start_producer(self, *, idempotent: bool) -> AIOKafkaProducer:
+    async def start_producer(
+        self, *, idempotent: bool, transactional_id: str | None = None
+    ) -> AIOKafkaProducer:
+        """A started producer with this transport's settings (acks=all)."""
         producer = AIOKafkaProducer(
             **self._client_options(),
             acks="all",
             enable_idempotence=idempotent,
+            transactional_id=transactional_id,
             linger_ms=self.options["linger_ms"],
             max_request_size=self.max_request_size,
             max_batch_size=min(1_048_576, self.max_request_size),
@@ -249,6 +259,7 @@ class KafkaTransport(Transport):
                 await sub.close()
             await member.close()
         self._members.clear()
+        await self.transactions.close()
         await self._close_clients()
 
     def _require(self) -> tuple[AIOKafkaProducer, AIOKafkaAdminClient]:
@@ -309,6 +320,19 @@ class KafkaTransport(Transport):
     ) -> None:
         """Send ``messages`` to ``topic`` with ``extra`` headers; return when all are acked."""
         producer, _ = self._require()
+        self.check_sizes(messages)
+        await self.ensure_topics(topic)
+        try:
+            futures = await self.send_batches(producer, topic, messages, extra)
+            for fut in futures:
+                await fut
+        except MessageSizeTooLargeError as e:
+            raise TransportError(f"{self.url}: message too large for {topic!r}: {e!r}") from e
+        except KafkaError as e:
+            raise TransportError(f"{self.url}: publish to {topic!r} failed: {e!r}") from e
+
+    def check_sizes(self, messages: Sequence[Message]) -> None:
+        """Raise :class:`TransportError` for a message over ``max_request_size``."""
         limit = self.max_request_size
         for m in messages:
             size = record_size(m)
@@ -319,17 +343,8 @@ class KafkaTransport(Transport):
                     f"{self.features.max_payload} fit; raise max_request_size in the URL and "
                     "the broker's message.max.bytes for larger ones)"
                 )
-        await self.ensure_topics(topic)
-        try:
-            futures = await self._send_batches(producer, topic, messages, extra)
-            for fut in futures:
-                await fut
-        except MessageSizeTooLargeError as e:
-            raise TransportError(f"{self.url}: message too large for {topic!r}: {e!r}") from e
-        except KafkaError as e:
-            raise TransportError(f"{self.url}: publish to {topic!r} failed: {e!r}") from e
 
-    async def _send_batches(
+    async def send_batches(
         self,
         producer: AIOKafkaProducer,
         topic: str,

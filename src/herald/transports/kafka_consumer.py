@@ -42,7 +42,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
 from aiokafka.structs import OffsetAndMetadata  # type: ignore[import-untyped]
 
 from herald.message import Message
-from herald.transports.base import Delivery, Start, TransportError
+from herald.transports.base import Delivery, Start, TransportError, by_topic
 from herald.transports.kafka_offsets import PartitionTracker
 from herald.transports.kafka_wire import ATTEMPT_HEADER, DUE_AT_HEADER, decode_record
 
@@ -430,6 +430,29 @@ class GroupMember:
                         f"{self.topic!r} failed: {e!r}"
                     ) from e
                 await anyio.sleep(0.2)
+
+    async def transact(self, deliveries: Sequence[Delivery], messages: Sequence[Message]) -> None:
+        """Produce ``messages`` and commit the offsets that acking ``deliveries`` gives, in one
+        Kafka transaction (:mod:`~herald.transports.kafka_transactions`); then ack them."""
+        batches = by_topic(messages)
+        tokens: list[_Token] = [d.token for d in deliveries]
+        if any(tok.tracker.revoked for tok in tokens):
+            raise TransportError(
+                f"{self.transport.url}: group {self.group!r} on {self.topic!r}: a partition "
+                "moved to another member before the transaction; its new owner redelivers"
+            )
+        acking: dict[PartitionTracker, list[int]] = {}
+        for tok in tokens:
+            acking.setdefault(tok.tracker, []).append(tok.offset)
+        async with self._commit_lock:  # no plain commit of the same partitions in between
+            offsets = {}
+            for tp, tr in self.trackers.items():
+                if tr in acking or tr.dirty:
+                    committed, meta = tr.preview(acking.get(tr, []))
+                    if committed is not None:
+                        offsets[tp] = OffsetAndMetadata(committed, meta)
+            await self.transport.transactions.run(batches, offsets, self.group)
+        self.mark_acked(deliveries)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         """Produce a retry copy (durably), then ack the original."""

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import anyio
 
+from herald.message import Message
 from herald.transports.base import Delivery, Subscription, TransportError
 from herald.transports.kafka_consumer import GroupMember
 
@@ -40,7 +41,7 @@ class KafkaSubscription(Subscription):
             out = m.take(max_messages)
             if out:
                 self._inflight.update(out)
-                if m.transport.track_attempts:
+                if m.transport.strict_attempts:
                     # the handout counts must be stored before a crash could follow
                     with anyio.CancelScope(shield=True):
                         await m.flush()
@@ -64,6 +65,14 @@ class KafkaSubscription(Subscription):
         # also when nothing is new: an ack retried after a failed commit must not return
         # before the commit it is waiting for went through (flush is a no-op if it did)
         await self._m.flush()
+
+    async def commit(self, deliveries: Sequence[Delivery], messages: Sequence[Message]) -> None:
+        if self._closed or self._m.closed:
+            raise TransportError(f"subscription to {self.topic!r} (group {self.group!r}) is closed")
+        mine = [d for d in deliveries if d in self._inflight]
+        with anyio.CancelScope(shield=True):  # the outcome must reach the bookkeeping below
+            await self._m.transact(mine, messages)
+        self._inflight.difference_update(mine)
 
     async def nack(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delivery not in self._inflight:

@@ -34,7 +34,7 @@ _CHOICES = {
     "sasl_mechanism": ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
     "idempotence": ("auto", "true", "false"),
     "isolation_level": ("read_uncommitted", "read_committed"),
-    "track_attempts": ("true", "false"),
+    "strict_attempts": ("true", "false"),
 }
 _STR_OPTIONS = ("client_id", "ssl_cafile")
 
@@ -67,7 +67,7 @@ def parse_url(url: str) -> tuple[list[str], dict[str, Any]]:
         sasl_mechanism="PLAIN",
         idempotence="auto",
         isolation_level="read_uncommitted",
-        track_attempts="true",
+        strict_attempts="false",
         client_id="herald",
         ssl_cafile=None,
     )

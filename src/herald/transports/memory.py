@@ -32,6 +32,7 @@ from herald.transports.base import (
     Subscription,
     Transport,
     TransportError,
+    by_topic,
     validate_name,
 )
 
@@ -163,6 +164,14 @@ class MemorySubscription(Subscription):
         # acking twice, or after close, is harmless
         self._inflight.difference_update(deliveries)
 
+    async def commit(self, deliveries: Sequence[Delivery], messages: Sequence[Message]) -> None:
+        """Publish and ack with no await in between: atomic within the process."""
+        self._check_open()
+        batches = by_topic(messages)  # every name checked before anything is published
+        for topic, batch in batches.items():
+            await self._owner.publish(topic, batch)  # never suspends
+        self._inflight.difference_update(deliveries)
+
     async def nack(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delivery not in self._inflight:
             return  # already acked/nacked, or handed back by close()
@@ -203,6 +212,7 @@ class MemoryTransport(Transport):
         ordered_per_key=True,
         native_delay=True,
         replay=True,
+        transactions=True,
     )
 
     def __init__(self, name: str = "") -> None:

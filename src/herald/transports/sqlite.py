@@ -143,6 +143,7 @@ class SqliteTransport(Transport):
         replay=True,
         headers=True,
         max_payload=None,  # SQLite's own BLOB limit (1 GB by default) is far above anything sane
+        transactions=True,  # publish and ack share one database transaction
     )
 
     def __init__(self, options: SqliteOptions, url: str) -> None:

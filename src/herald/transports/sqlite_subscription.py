@@ -17,7 +17,7 @@ import anyio
 import msgspec
 
 from herald.message import Message
-from herald.transports.base import Delivery, Subscription, TransportError
+from herald.transports.base import Delivery, Subscription, TransportError, by_topic
 
 if TYPE_CHECKING:
     from herald.transports.sqlite import SqliteTransport
@@ -290,6 +290,28 @@ class SqliteSubscription(Subscription):
                 self._acks[:0] = acks  # keep them for the next commit, which retries
                 raise
         self._acks_durable = epoch + 1
+
+    async def commit(self, deliveries: Sequence[Delivery], messages: Sequence[Message]) -> None:
+        """Insert ``messages`` and delete the leases of ``deliveries`` in one transaction."""
+        self._check_open()
+        batches = by_topic(messages)
+        held = self._held
+        mine = sorted({d.token for d in deliveries if d.token in held})
+        taken = set(mine)
+        runs = _ack_runs(mine, sorted(s for s in held if s not in taken))
+        t = self._t
+
+        def write(conn: sqlite3.Connection) -> None:
+            for topic, batch in batches.items():
+                t._insert(conn, topic, batch)
+            self._delete_acked(conn, runs)
+
+        with anyio.CancelScope(shield=True):  # the caller learns the outcome, whatever it is
+            await t._transact("commit", write)
+        for seq in mine:
+            held.pop(seq, None)
+        for topic in batches:
+            t._notify(topic)
 
     async def nack(self, delivery: Delivery, delay: float = 0.0) -> None:
         """Give the delivery back: redelivered to the group after ``delay`` seconds with

@@ -114,6 +114,12 @@ class TransportConformance:
             return url
         return f"{url}{'&' if '?' in url else '?'}{self.lease_query}"
 
+    def counts_crash_redeliveries(self, url: str) -> bool:
+        """Whether the engine behind ``url`` lets the transport count redeliveries after a
+        crash (``attempt >= 2``). True unless a subclass knows of a broker defect, which it
+        should prove with a test of its own."""
+        return True
+
     @pytest.fixture
     async def transport(self, broker_url: str) -> AsyncIterator[Transport]:
         """A connected transport for ``broker_url``, closed after the test."""
@@ -625,8 +631,10 @@ class TransportConformance:
                 )
                 dupes = {k: len(v) for k, v in seen.items() if len(v) != 1}
                 assert not dupes, f"delivered more than once after the kill: {dupes}"
-                for mid in set(report["fetched"]) - set(report["acked"]):
-                    assert single(seen, mid).attempt >= 2, "redelivery after a crash not counted"
+                if self.counts_crash_redeliveries(url):
+                    for mid in set(report["fetched"]) - set(report["acked"]):
+                        attempt = single(seen, mid).attempt
+                        assert attempt >= 2, "redelivery after a crash not counted"
                 for mid in unacked - set(report["fetched"]):
                     assert single(seen, mid).attempt == 1
                 late = await sub.fetch(100, self.quiet_period)

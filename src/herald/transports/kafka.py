@@ -13,6 +13,11 @@ partition, so order is kept per key. Wire format: :mod:`herald.transports.kafka_
   ``idempotence=true`` makes it an error instead).
 * Consuming: see :mod:`herald.transports.kafka_consumer` (contiguous manual commits, never
   auto-commit; retry topics for ``nack``; handout counts in the commit metadata).
+* Transactions: :meth:`Subscription.commit` (transactional subscribers) produces and commits
+  the group's offsets in one Kafka transaction, see
+  :mod:`herald.transports.kafka_transactions`; readers of what it produces should use
+  ``isolation_level=read_committed``. Brokers without transactions (Tansu 0.6) refuse it at
+  the subscriber's start.
 
 URL options (query string):
 

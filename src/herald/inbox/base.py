@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import anyio
+
 __all__ = ["DEFAULT_RETENTION", "InboxStore"]
 
 DEFAULT_RETENTION = 7 * 24 * 3600.0
@@ -33,14 +35,43 @@ class InboxStore(ABC):
     """Remembers ``(group, key)`` pairs for ``retention`` seconds; one store serves many groups."""
 
     retention: float = DEFAULT_RETENTION
+    # several users (apps, tools) may share one store: the first open connects, the last
+    # close disconnects
+    _users: int = 0
+    _lifecycle: anyio.Lock | None = None
 
-    @abstractmethod
     async def open(self) -> None:
-        """Connect and create what is missing. Called once per user; must be idempotent."""
+        """Count a user; the first one connects and creates what is missing. Raises
+        :class:`~herald.TransportError` (credentials redacted) if that fails."""
+        async with self._lifecycle_lock():
+            if self._users == 0:
+                await self._acquire()
+            self._users += 1
 
-    @abstractmethod
     async def close(self) -> None:
-        """Release connections. Idempotent."""
+        """Release a user's hold; the last one's close closes the connections. Calling it more
+        often than :meth:`open` is harmless."""
+        async with self._lifecycle_lock():
+            if self._users == 0:
+                return
+            self._users -= 1
+            if self._users == 0:
+                with anyio.CancelScope(shield=True):  # never leave connections half closed
+                    await self._release()
+
+    def _lifecycle_lock(self) -> anyio.Lock:
+        if self._lifecycle is None:
+            self._lifecycle = anyio.Lock()
+        return self._lifecycle
+
+    async def _acquire(self) -> None:
+        """Open the store's connections and create what is missing (the first user).
+        Stores without connections (MemoryInbox) keep this no-op."""
+        return None
+
+    async def _release(self) -> None:
+        """Close the store's connections (the last user); runs shielded."""
+        return None
 
     @abstractmethod
     async def seen(self, group: str, key: str) -> bool:

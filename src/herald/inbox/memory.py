@@ -20,12 +20,6 @@ class MemoryInbox(InboxStore):
         self._at: dict[tuple[str, str], float] = {}
         self._lock = anyio.Lock()
 
-    async def open(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
     async def seen(self, group: str, key: str) -> bool:
         return (group, key) in self._at
 

@@ -100,29 +100,24 @@ class PostgresInbox(InboxStore):
         ).format(ident)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._idle: list[psycopg.AsyncConnection[Any]] = []
-        self._users = 0
-        self._opening = anyio.Lock()
 
     def __repr__(self) -> str:
         return f"PostgresInbox({redact_dsn(self.dsn)!r}, table={self.table!r})"
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def _acquire(self) -> None:
         """Connect and create the table if missing (safe from several processes at once).
         Raise :class:`~herald.TransportError` (password redacted) if the server is unreachable
         or refuses."""
-        async with self._opening:
-            if self._conn is None:
-                conn = await self._connect()
-                try:
-                    await self._create(conn)
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await conn.close()
-                    raise
-                self._conn = conn
-            self._users += 1
+        conn = await self._connect()
+        try:
+            await self._create(conn)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise
+        self._conn = conn
 
     async def _create(self, conn: psycopg.AsyncConnection[Any]) -> None:
         name = self.table.rpartition(".")[2]
@@ -150,19 +145,12 @@ class PostgresInbox(InboxStore):
         except psycopg.Error as exc:
             raise self._error(exc, f"creating table {self.table!r}") from exc
 
-    async def close(self) -> None:
-        """Release this user's hold; the last user's close closes every connection.
-        Calling it more often than :meth:`open` is harmless."""
-        async with self._opening:
-            if self._users > 0:
-                self._users -= 1
-            if self._users > 0 or self._conn is None:
-                return
-            conn, self._conn = self._conn, None
-            idle, self._idle = self._idle, []
-            with anyio.CancelScope(shield=True):
-                for c in (conn, *idle):
-                    await c.close()
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        idle, self._idle = self._idle, []
+        for c in (conn, *idle):
+            if c is not None:
+                await c.close()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         try:

@@ -72,47 +72,35 @@ class RedisInbox(InboxStore):
         self.connect_timeout = connect_timeout
         self._ttl_ms = max(1, round(retention * 1000))
         self._client: aioredis.Redis | None = None
-        self._users = 0
-        self._opening = anyio.Lock()
 
     def __repr__(self) -> str:
         return f"RedisInbox({redact_url(self.url)!r}, prefix={self.prefix!r})"
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Connect (and check the server answers). Raise :class:`~herald.TransportError`
+    async def _acquire(self) -> None:
+        """Connect and check the server answers. Raise :class:`~herald.TransportError`
         (password redacted) if the URL is bad or the server is unreachable or refuses."""
-        async with self._opening:
-            if self._client is None:
-                try:
-                    client = aioredis.Redis.from_url(
-                        self.url,
-                        socket_connect_timeout=self.connect_timeout,
-                        health_check_interval=30,
-                    )
-                except (ValueError, RedisError) as exc:
-                    raise self._error(exc, "connect") from exc
-                try:
-                    await client.ping()
-                except RedisError as exc:
-                    with anyio.CancelScope(shield=True):
-                        await client.aclose()
-                    raise self._error(exc, "connect") from exc
-                self._client = client
-            self._users += 1
-
-    async def close(self) -> None:
-        """Release this user's hold; the last user's close closes the client.
-        Calling it more often than :meth:`open` is harmless."""
-        async with self._opening:
-            if self._users > 0:
-                self._users -= 1
-            if self._users > 0 or self._client is None:
-                return
-            client, self._client = self._client, None
+        try:
+            client = aioredis.Redis.from_url(
+                self.url,
+                socket_connect_timeout=self.connect_timeout,
+                health_check_interval=30,
+            )
+        except (ValueError, RedisError) as exc:
+            raise self._error(exc, "connect") from exc
+        try:
+            await client.ping()
+        except RedisError as exc:
             with anyio.CancelScope(shield=True):
                 await client.aclose()
+            raise self._error(exc, "connect") from exc
+        self._client = client
+
+    async def _release(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
 
     # --- the contract ----------------------------------------------------------------------
 

@@ -116,45 +116,32 @@ class SqliteInbox(InboxStore):
         self.busy_timeout = busy_timeout
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._users = 0
         self._json = True  # SQLite has json_each (found out on open)
         # _lock: owns the writer connection (held across a transaction's body, which awaits);
         # _limiter: keeps this store's blocking calls to one worker thread.
         self._lock = anyio.Lock()
         self._limiter = anyio.CapacityLimiter(1)
-        self._opening = anyio.Lock()
 
     def __repr__(self) -> str:
         return f"SqliteInbox({self.path!r})"
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def _acquire(self) -> None:
         """Open both connections and create the table if missing (safe from several
         processes at once). Raise :class:`~herald.TransportError` naming the path if the file
         cannot be created or written."""
-        async with self._opening:
-            if self._writer is None:
-                self._writer, self._reader = await anyio.to_thread.run_sync(
-                    self._connect, limiter=self._limiter
-                )
-            self._users += 1
+        self._writer, self._reader = await anyio.to_thread.run_sync(
+            self._connect, limiter=self._limiter
+        )
 
-    async def close(self) -> None:
-        """Release this user's hold; the last user's close closes the connections.
-        Calling it more often than :meth:`open` is harmless."""
-        async with self._opening:
-            if self._users > 0:
-                self._users -= 1
-            if self._users > 0 or self._writer is None:
-                return
-            # wait for a running write (or transaction) so none is cut off half done
-            with anyio.CancelScope(shield=True):
-                async with self._lock:
-                    writer, reader = self._writer, self._reader
-                    self._writer = self._reader = None
-                    assert reader is not None
-                    await anyio.to_thread.run_sync(_close_both, writer, reader)
+    async def _release(self) -> None:
+        # wait for a running write (or transaction) so none is cut off half done
+        async with self._lock:
+            writer, reader = self._writer, self._reader
+            self._writer = self._reader = None
+            if writer is not None and reader is not None:
+                await anyio.to_thread.run_sync(_close_both, writer, reader)
 
     def _connect(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
         directory = os.path.dirname(os.path.abspath(self.path))

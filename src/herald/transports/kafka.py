@@ -54,6 +54,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -88,6 +89,23 @@ from herald.transports.kafka_wire import encode_headers, record_size
 __all__ = ["KafkaTransport"]
 
 log = logging.getLogger("herald.transports.kafka")
+
+
+class _HideSaslBytes(logging.Filter):
+    """aiokafka logs every request at DEBUG, and a SASL PLAIN request's repr holds the
+    password in clear (``sasl_auth_bytes=b'\\x00user\\x00password'``): blank it out."""
+
+    _BYTES = re.compile(r"sasl_auth_bytes=b(['\"]).*?(?<!\\)\1")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG:
+            text = record.getMessage()
+            if "sasl_auth_bytes" in text:
+                record.msg, record.args = self._BYTES.sub("sasl_auth_bytes=<redacted>", text), ()
+        return True
+
+
+logging.getLogger("aiokafka.conn").addFilter(_HideSaslBytes())
 
 #: room left in a produce request for the record's framing and headers
 _OVERHEAD = 8192
@@ -196,6 +214,14 @@ class KafkaTransport(Transport):
             except TransportError:
                 await self._close_clients()
                 raise
+            except Exception as e:
+                # aiokafka lets some login failures escape as plain errors (a SCRAM reply with
+                # an error instead of a server signature raises KeyError): not worth retrying
+                await self._close_clients()
+                raise TransportError(
+                    f"cannot connect to Kafka at {self.url} (authentication or protocol "
+                    f"failure): {type(e).__name__}: {e}"
+                ) from None
             await anyio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

@@ -8,6 +8,8 @@ a message saying so, and fails under CI (``CI=true``).
 from __future__ import annotations
 
 import importlib.util
+import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -99,3 +101,23 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.01)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (for a private test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A throw-away certificate for ``localhost`` / ``127.0.0.1`` (its own CA) and its key,
+    made with the ``openssl`` CLI in ``tmp``."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key

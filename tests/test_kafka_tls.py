@@ -35,6 +35,8 @@ from herald.testing.helpers import connected, drain, make_messages, subscribed, 
 from herald.testing.servers import in_ci
 from herald.transports import TransportError, open_transport
 
+from .conftest import free_port, self_signed
+
 pytestmark = pytest.mark.anyio
 
 #: Tansu holds a group join for half a session: short sessions keep subscribe fast
@@ -65,12 +67,6 @@ def _tansu_binary() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -93,17 +89,6 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
-
-
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
 
 
 #: argv: listen port, backend port, certificate, key. Terminates TLS and pipes the bytes on.
@@ -161,8 +146,8 @@ def tls_tansu(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TlsTan
     _require(shutil.which("openssl") is not None, "needs the openssl CLI")
     tansu = _tansu_binary()
     authentication = bool(getattr(request, "param", False))
-    cert, key = _self_signed(tmp_path)
-    tls_port, plain_port = _free_port(), _free_port()
+    cert, key = self_signed(tmp_path)
+    tls_port, plain_port = free_port(), free_port()
     script = tmp_path / "tls_terminator.py"
     script.write_text(_TERMINATOR)
     broker: subprocess.Popen[bytes] | None = None

@@ -30,6 +30,8 @@ from herald.testing.servers import in_ci, require_server
 from herald.transports import TransportError, open_transport
 from herald.transports.redis import RedisTransport, _parse_url
 
+from .conftest import free_port, self_signed
+
 pytestmark = pytest.mark.anyio
 
 SHARED = "redis://127.0.0.1:6379/0"
@@ -81,17 +83,11 @@ def topic(raw: aioredis.Redis) -> Iterator[str]:
 # --- a private redis-server ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrivateRedis:
     """A ``redis-server`` this test started (stopped by its own pid or SHUTDOWN NOSAVE)."""
 
     def __init__(self, tmp: Path, *extra: str, port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.tmp = tmp
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
@@ -206,7 +202,7 @@ def test_password_is_redacted_everywhere() -> None:
 
 
 async def test_unreachable_server_fails_fast_without_password() -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     t = open_transport(f"redis://u:hunter2-secret@127.0.0.1:{port}/0?connect_timeout=1")
     started = time.monotonic()
     with pytest.raises(TransportError) as e:
@@ -547,24 +543,13 @@ async def test_outage_longer_than_reconnect_timeout_raises(private_redis: Privat
 # --- TLS -----------------------------------------------------------------------------------
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
-
-
 async def test_tls_with_credentials(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None or shutil.which("openssl") is None:
         message = "needs redis-server (built with TLS) and openssl"
         if in_ci():
             pytest.fail(message)
         pytest.skip(message)
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     server = PrivateRedis(
         tmp_path,
         "--tls-cert-file", str(cert), "--tls-key-file", str(key),

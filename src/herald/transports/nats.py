@@ -23,6 +23,20 @@ Query options
     ``name`` (connection name), ``creds`` (a ``.creds`` file), ``nkey`` (an nkey seed file),
     ``tls_ca``, ``tls_cert``, ``tls_key`` (PEM files; any of them turns TLS on).
 
+TLS
+    ``tls://`` (or any ``tls_*`` option) verifies the server's certificate against the system
+    CAs, or only against ``tls_ca`` when given (e.g. a self-signed certificate:
+    ``tls://app:secret@127.0.0.1:4222?tls_ca=/etc/nats/ca.pem``); the host name or IP of the
+    URL must match the certificate. ``tls_cert`` + ``tls_key`` are the client certificate for
+    a server that verifies clients. Before nats-py sends any credentials, ``connect()`` reads
+    the server's INFO and does the TLS handshake on a short connection of its own: a server
+    that offers no TLS, a certificate the client does not trust or a refused client
+    certificate fails at once with :class:`TransportError`. A ``nats://`` URL against a server
+    that requires TLS is upgraded the same way (nats-py's behaviour), with the system CAs.
+    Even a server that accepts connections and then never answers (where nats-py can hang
+    after a failed TLS upgrade) ends ``connect()`` with :class:`TransportError` within
+    ``connect_attempts`` x (4 x ``connect_timeout`` + 0.5 s) + 5 x ``connect_timeout``.
+
 Mapping onto JetStream
     * topic -> one stream per topic, created on first publish or subscribe. Stream name: the
       topic with ``.`` replaced by ``~`` (stream names cannot contain ``.``; ``~`` cannot occur
@@ -157,6 +171,9 @@ _CONSUMER_NOT_FOUND = 10014
 _CONSUMER_EXISTS = 10013
 _CONSUMER_NAME_EXISTS = 10148
 _SUBJECTS_OVERLAP = 10065
+#: what nats-py raises when its connect attempts are used up (the reason is in error_cb)
+_GAVE_UP = nats.errors.NoServersError
+_CONNECT_REASONS = 3  # distinct errors of the connect attempts named in connect()'s error
 
 
 class PayloadTooLarge(TransportError, ValueError):
@@ -183,6 +200,8 @@ class NatsTransport(Transport):
         self._ack_waiters: dict[str, asyncio.Future[str | None]] = {}
         self._next_token = 0
         self._error_logged = False
+        #: what nats-py reported through error_cb during connect(), for its error message
+        self._connect_errors: list[str] = []
 
     def _features(self) -> Features:
         return Features(
@@ -235,30 +254,41 @@ class NatsTransport(Transport):
         if o.nkey:
             kwargs["nkeys_seed"] = o.nkey
         self._error_logged = False
-        if tls is not None:
-            await self._check_server_offers_tls()
+        self._connect_errors = []
+        await self._probe_tls(tls)
+        kwargs.update(
+            servers=[server],
+            name=o.name,
+            tls=tls,
+            # seconds; nats-py annotates these as int but takes any number
+            connect_timeout=o.connect_timeout,
+            reconnect_time_wait=_RECONNECT_WAIT,
+            allow_reconnect=True,
+            # nats-py tries (1 + this) times per server on the initial connect; raised to
+            # "forever" below once connected
+            max_reconnect_attempts=o.connect_attempts - 1,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            pending_size=64 * 1024 * 1024,  # buffered while reconnecting
+        )
+        nc = Client()
         try:
-            nc = await nats.connect(
-                servers=[server],
-                name=o.name,
-                tls=tls,
-                connect_timeout=o.connect_timeout,
-                allow_reconnect=True,
-                # nats-py tries (1 + this) times per server on the initial connect; raised to
-                # "forever" below once connected
-                max_reconnect_attempts=o.connect_attempts - 1,
-                reconnect_time_wait=_RECONNECT_WAIT,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-                pending_size=64 * 1024 * 1024,  # buffered while reconnecting
-                **kwargs,
-            )
+            await asyncio.wait_for(nc.connect(**kwargs), self._connect_deadline())
         except Exception as e:
-            raise TransportError(
+            # nats-py ends with "no servers available" (or hangs until our deadline); the
+            # errors of the attempts say why, e.g. an Authorization Violation from the server
+            # followed by a reset connection
+            reasons = self._connect_errors
+            if not (isinstance(e, (_GAVE_UP, TimeoutError)) and reasons):
+                reasons = [f"{type(e).__name__}: {_describe(e)}"]
+            error = TransportError(
                 f"cannot connect to NATS at {self._safe_url} after {o.connect_attempts} "
-                f"attempt(s): {type(e).__name__}: {_describe(e)}"
-            ) from None
+                f"attempt(s): {'; '.join(reasons)}"
+            )
+            with _quiet():
+                await asyncio.wait_for(nc.close(), o.connect_timeout)
+            raise error from None
         nc.options["max_reconnect_attempts"] = -1  # never give up on a lost connection
         self._nc = nc
         self._jsm = nc.jsm(timeout=o.timeout)
@@ -274,27 +304,58 @@ class NatsTransport(Transport):
             await self.close()
             raise
 
-    async def _check_server_offers_tls(self) -> None:
-        """nats-py upgrades to TLS only when the server requires it, so against a server
-        without TLS a ``tls://`` URL would send credentials in the clear: read the server's
-        INFO line first and refuse."""
+    def _connect_deadline(self) -> float:
+        """An upper bound for nats-py's initial connect: per attempt the TCP connect, INFO, TLS
+        handshake and PONG each take at most ``connect_timeout``, plus the wait between
+        attempts. nats-py can hang on a failed TLS upgrade (nats-io/nats.py#718); this ends
+        that with a TransportError instead."""
+        o = self._opts
+        return o.connect_attempts * (4 * o.connect_timeout + _RECONNECT_WAIT) + o.connect_timeout
+
+    async def _probe_tls(self, tls: ssl.SSLContext | None) -> None:
+        """Check TLS before nats-py sends credentials, on a short connection of our own.
+
+        nats-py upgrades to TLS only when the server requires it, so against a server without
+        TLS a ``tls://`` URL would send credentials in the clear: read the server's INFO line
+        and refuse. When TLS is on (asked for, or required by the server, which nats-py then
+        honours with the system CAs), do the TLS handshake: a certificate the client does not
+        trust, or a client certificate the server refuses, fails at once with a clear
+        TransportError; nats-py would retry it, then can hang (nats-io/nats.py#718).
+        """
         o = self._opts
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(o.host, o.port), o.connect_timeout
             )
-            try:
-                line = await asyncio.wait_for(reader.readline(), o.connect_timeout)
-            finally:
-                writer.close()
+        except (OSError, TimeoutError):
+            return  # unreachable: connect() reports it after its attempts
+        try:
+            line = await asyncio.wait_for(reader.readline(), o.connect_timeout)
             info = json.loads(line.partition(b" ")[2] or b"{}")
-        except (OSError, TimeoutError, ValueError):
-            return  # unreachable or odd: connect() below reports it
-        if not (info.get("tls_required") or info.get("tls_available")):
-            raise TransportError(
-                f"{self._safe_url}: TLS requested but the server does not offer TLS; "
-                "not sending credentials in the clear (use nats:// for a plain connection)"
+            if not isinstance(info, dict):
+                return
+            offered = bool(info.get("tls_required") or info.get("tls_available"))
+            if tls is not None and not offered:
+                raise TransportError(
+                    f"{self._safe_url}: TLS requested but the server does not offer TLS; "
+                    "not sending credentials in the clear (use nats:// for a plain connection)"
+                )
+            if tls is None and not info.get("tls_required"):
+                return  # plain connection
+            context = tls if tls is not None else ssl.create_default_context()
+            await asyncio.wait_for(
+                writer.start_tls(context, server_hostname=o.host), o.connect_timeout
             )
+        except ssl.SSLError as e:  # before OSError: SSLError is one
+            raise TransportError(
+                f"cannot connect to NATS at {self._safe_url}: TLS handshake failed: "
+                f"{type(e).__name__}: {_describe(e)}"
+            ) from None
+        except (OSError, TimeoutError, ValueError):
+            return  # odd or slow: connect() below reports it
+        finally:
+            # not wait_closed(): after a failed start_tls it may never complete
+            writer.close()
 
     async def close(self) -> None:
         for sub in list(self._subs):
@@ -318,7 +379,11 @@ class NatsTransport(Transport):
         # nats-py reports every failed reconnect attempt: log the first loudly, the rest quietly
         level = logging.DEBUG if self._error_logged else logging.WARNING
         self._error_logged = True
-        log.log(level, "NATS %s: %s: %s", self._safe_url, type(e).__name__, _describe(e))
+        reason = f"{type(e).__name__}: {_describe(e)}"
+        reasons = self._connect_errors
+        if self._nc is None and len(reasons) < _CONNECT_REASONS and reason not in reasons:
+            reasons.append(reason)  # still in connect()
+        log.log(level, "NATS %s: %s", self._safe_url, reason)
 
     async def _on_disconnected(self) -> None:
         if self._nc is not None:
@@ -611,5 +676,5 @@ class NatsTransport(Transport):
 
 
 def _describe(e: BaseException) -> str:
-    text = str(e) or type(e).__name__
+    text = str(e) or ("timed out" if isinstance(e, TimeoutError) else type(e).__name__)
     return text[:300]

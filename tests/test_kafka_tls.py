@@ -35,7 +35,7 @@ from herald.testing.helpers import connected, drain, make_messages, subscribed, 
 from herald.testing.servers import in_ci
 from herald.transports import TransportError, open_transport
 
-from .conftest import free_port, self_signed
+from .conftest import free_port, self_signed, stop_process
 
 pytestmark = pytest.mark.anyio
 
@@ -78,17 +78,6 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
         except OSError:
             time.sleep(0.02)
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within 10s")
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 #: argv: listen port, backend port, certificate, key. Terminates TLS and pipes the bytes on.
@@ -169,8 +158,8 @@ def tls_tansu(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TlsTan
         _wait_for_port(tls_port, terminator, "private TLS terminator")
         yield TlsTansu(tls_port, cert)
     finally:
-        _stop(terminator)
-        _stop(broker)
+        stop_process(terminator)
+        stop_process(broker)
 
 
 def _text(error: BaseException) -> str:

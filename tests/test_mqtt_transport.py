@@ -273,3 +273,40 @@ async def test_delete_topic_removes_sessions(transport: MqttTransport) -> None:
     finally:
         await sub.close()
         await transport.delete_topic(topic)
+
+
+async def test_acks_right_before_close_reach_the_broker(transport: MqttTransport) -> None:
+    """Regression: a consumer acks and closes at once while the broker is still sending to it.
+    The close used to reset the TCP connection (unread PUBLISHes on our side), and Mosquitto,
+    failing its next write, dropped the connection with our last PUBACKs unread: the resumed
+    session then delivered those acked messages again. close() now waits for a round trip
+    after the acks, so no acked message may ever come back."""
+    topic, group = unique_name("ackclose"), unique_name("g")
+    await (await transport.subscribe(topic, group)).close()  # the group exists from here on
+    acked: set[str] = set()
+    again: list[str] = []
+    done = anyio.Event()
+
+    async def publisher() -> None:  # keeps the broker writing to the consumer
+        while not done.is_set():
+            await transport.publish(topic, make_messages(topic, 20))
+            await anyio.sleep(0.002)
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(publisher)
+                for _ in range(15):
+                    sub = await transport.subscribe(topic, group)  # resumes the same session
+                    try:
+                        got = await sub.fetch(50, 2)
+                        again += [d.message.id for d in got if d.message.id in acked]
+                        await sub.ack(got)
+                        acked.update(d.message.id for d in got)
+                    finally:
+                        await sub.close()
+                done.set()
+    finally:
+        await transport.delete_topic(topic)
+    assert acked
+    assert not again, f"{len(again)} acked messages delivered again, e.g. {again[:3]}"

@@ -28,7 +28,7 @@ from herald.testing.conformance import drain, make_messages, unique_name
 from herald.testing.servers import in_ci
 from herald.transports import Transport, TransportError, open_transport
 
-from .conftest import free_port, self_signed
+from .conftest import free_port, self_signed, stop_process
 
 pytestmark = pytest.mark.anyio
 
@@ -81,14 +81,7 @@ class PrivateServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 async def _connect_fails(url: str, *secrets: str) -> TransportError:
@@ -282,12 +275,6 @@ async def test_mqtt_tls_with_credentials(
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MqttOptions (src/herald/transports/_mqtt_support.py) is a dataclass whose default "
-    "repr includes password=...: declare it `password: str | None = field(default=None, "
-    "repr=False)` (or give MqttOptions a __repr__ without it)",
-)
 def test_mqtt_options_repr_hides_password() -> None:
     t = open_transport(f"mqtts://app:{MQTT_PASSWORD}@127.0.0.1:8883")
     assert MQTT_PASSWORD not in repr(t.options)  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ import socket
 import ssl
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -79,7 +79,7 @@ class MqttOptions:
     port: int
     tls: bool
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr or log
     prefix: str = ""
     member: str = ""
     session_expiry: int = 86_400

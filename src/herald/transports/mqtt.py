@@ -73,7 +73,9 @@ What MQTT (Mosquitto 2) cannot promise — read before choosing it
       at shutdown and every ``autosave_interval`` (default 1800 s): a clean restart keeps queued
       messages and sessions, a broker crash loses what was not saved yet.
     * An ack is a PUBACK, which the broker does not confirm; if the connection drops before the
-      broker reads it, the message is delivered again (at-least-once).
+      broker reads it, the message is delivered again (at-least-once). A consumer's ``close()``
+      first waits for one round trip (an UNSUBSCRIBE of a filter it never subscribed), so acks
+      given before a close are not lost to the close itself.
     * Messages held back for ``nack(delay)`` occupy the consumer's ``prefetch`` window.
     * Order: per MQTT topic and publishing connection; one consumer sees one publisher's messages
       in order. Keys are not used for routing (MQTT has no partitions).
@@ -86,6 +88,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -203,6 +206,10 @@ class _Conn:
             self.paho.on_message = lambda _c, _u, m: on_message(m)
         self._waiting: dict[int, _Batch] = {}
         self._open = False
+        #: PUBACKs were written since the broker last proved it had read them (see close())
+        self._acks_unconfirmed = False
+        #: A filter this connection never subscribes to; unsubscribing is a no-op round trip.
+        self._barrier = f"{opts.prefix}_herald/barrier"
 
     def _register_write(self, client: Any, _u: Any, sock: Any) -> None:
         fd = sock.fileno()
@@ -250,7 +257,11 @@ class _Conn:
         )
 
     async def close(self) -> None:
+        """Disconnect, once the broker has read the PUBACKs written before (``_confirm_acks``)."""
         if not self._open:
+            return
+        await self._confirm_acks()
+        if not self._open:  # closed by a concurrent call meanwhile
             return
         self._open = False
         for batch in self._waiting.values():
@@ -265,6 +276,50 @@ class _Conn:
                 await self._client.__aexit__(None, None, None)
         except (aiomqtt.MqttError, OSError):
             pass  # already gone: nothing to say goodbye to
+
+    def ack(self, packet_ids: Sequence[int]) -> None:
+        """Send PUBACKs for ``packet_ids`` (of this connection) and write them to the socket."""
+        if not packet_ids or not self.alive:
+            return
+        for pid in packet_ids:
+            self.paho.ack(pid, 1)
+        self._acks_unconfirmed = True
+        self.flush()
+
+    async def _confirm_acks(self) -> None:
+        """Wait until the broker has read every PUBACK written so far, before DISCONNECT.
+
+        Written is not enough: paho closes the socket right after the DISCONNECT, and when the
+        broker's PUBLISHes are still unread on our side the kernel answers with a TCP RST.
+        Mosquitto's next write to us then fails (ECONNRESET) and it drops the connection
+        without reading the PUBACKs and DISCONNECT still queued on its side, so the session
+        keeps those messages and redelivers them, acked, on its next resume. The broker reads a
+        connection's packets in order, so the reply to a later request proves the PUBACKs were
+        processed; UNSUBSCRIBE of a filter never subscribed has no other effect.
+        """
+        if not self._acks_unconfirmed or not self.alive:
+            return
+        self._acks_unconfirmed = False
+        barrier = asyncio.ensure_future(self._client.unsubscribe(self._barrier, timeout=math.inf))
+        confirmed = False
+        try:
+            await asyncio.wait(
+                [barrier, self._client._disconnected],
+                timeout=self._opts.connect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if barrier.done():
+                confirmed = not barrier.cancelled() and barrier.exception() is None
+            else:
+                barrier.cancel()
+        if not confirmed:
+            log.warning(
+                "MQTT broker %s did not confirm the last acks of %s before the close; "
+                "their messages may be delivered again",
+                self._opts.url,
+                self.identifier,
+            )
 
     def flush(self) -> None:
         """Write queued packets (PUBACKs) to the socket now, not on the next loop turn."""
@@ -460,6 +515,11 @@ class MqttTransport(Transport):
         await conn.open()
         try:
             conn.paho.manual_ack_set(False)
+            # The topic's own entries first: Mosquitto sends one client at most
+            # max_queued_messages (default 1000) retained messages beyond its in-flight window
+            # and drops the rest, so on a busy broker the wide scan (for dead-letter topics
+            # ``topic.*``, which no MQTT wildcard selects) may miss some.
+            await conn._client.subscribe(root + topic + "/#", qos=1)
             await conn._client.subscribe(root + "+/#", qos=1)
             while time.monotonic() - last[0] < _REGISTRY_IDLE:
                 await anyio.sleep(0.05)
@@ -630,17 +690,15 @@ class MqttSubscription(Subscription):
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Send PUBACKs (written to the socket before returning). A delivery from before a
         reconnect cannot be acked: the broker redelivers it (at-least-once)."""
-        conn = self._conn
-        sent = False
+        packet_ids: list[int] = []
         for d in deliveries:
             if self._inflight.pop(d.token, None) is None:
                 continue
             self._slot.settled(d.message.id)
-            if conn is not None and d.token[0] == self._gen and conn.alive:
-                conn.paho.ack(d.token[1], 1)
-                sent = True
-        if sent and conn is not None:
-            conn.flush()
+            if d.token[0] == self._gen:
+                packet_ids.append(d.token[1])
+        if self._conn is not None:
+            self._conn.ack(packet_ids)
 
     async def nack(self, delivery: Delivery, delay: float = 0.0) -> None:
         """Republish to the group's retry topic with ``attempt + 1`` and a not-before time,

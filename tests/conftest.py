@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import socket
 import subprocess
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 
 from herald.message import new_id
 from herald.testing.servers import SERVERS, reachable, require_server
-from herald.transports import open_transport
+from herald.transports import TransportError, open_transport
 
 
 @pytest.fixture
@@ -133,3 +135,20 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+async def connect_fails(url: str, *secrets: str, within: float = 15.0) -> TransportError:
+    """Connecting to ``url`` raises a :class:`TransportError` within ``within`` seconds whose
+    text (message, repr and traceback) mentions none of ``secrets``; return it."""
+    t = open_transport(url)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransportError) as e:
+            await t.connect()
+    finally:
+        await t.close()
+    assert time.monotonic() - started < within
+    text = "".join(traceback.format_exception(e.value)) + repr(e.value)
+    for secret in secrets:
+        assert secret not in text
+    return e.value

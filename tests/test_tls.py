@@ -26,9 +26,9 @@ import pytest
 
 from herald.testing.conformance import drain, make_messages, unique_name
 from herald.testing.servers import in_ci
-from herald.transports import Transport, TransportError, open_transport
+from herald.transports import Transport, open_transport
 
-from .conftest import free_port, self_signed, stop_process
+from .conftest import connect_fails, free_port, self_signed, stop_process
 
 pytestmark = pytest.mark.anyio
 
@@ -84,21 +84,6 @@ class PrivateServer:
         stop_process(proc)
 
 
-async def _connect_fails(url: str, *secrets: str) -> TransportError:
-    """Connecting to ``url`` raises a TransportError soon, mentioning none of ``secrets``."""
-    t = open_transport(url)
-    started = time.monotonic()
-    try:
-        with pytest.raises(TransportError) as e:
-            await t.connect()
-    finally:
-        await t.close()
-    assert time.monotonic() - started < FAIL_WITHIN
-    for secret in secrets:
-        assert secret not in str(e.value) and secret not in repr(e.value)
-    return e.value
-
-
 async def _round_trip(t: Transport, topic: str) -> None:
     """Publish a few messages, then consume and ack them all through one subscription."""
     published = make_messages(topic, 5)
@@ -148,17 +133,17 @@ async def test_nats_tls_with_credentials(tmp_path: Path, caplog: pytest.LogCaptu
             await _round_trip(t, unique_name("secure"))
 
         # a wrong password: the server refuses it
-        wrong = await _connect_fails(
+        wrong = await connect_fails(
             f"tls://app:wrong-pass-1@127.0.0.1:{port}?tls_ca={cert}&{fast}",
             "wrong-pass-1",
             NATS_PASSWORD,
         )
         assert "authorization violation" in str(wrong).lower()
         # a client that does not trust the certificate (system CAs only)
-        untrusted = await _connect_fails(f"{base}?{fast}", NATS_PASSWORD)
+        untrusted = await connect_fails(f"{base}?{fast}", NATS_PASSWORD)
         assert "certificate verify failed" in str(untrusted).lower()
         # nats:// against a server that requires TLS: nats-py upgrades with the system CAs
-        plain = await _connect_fails(
+        plain = await connect_fails(
             f"nats://app:{NATS_PASSWORD}@127.0.0.1:{port}?{fast}", NATS_PASSWORD
         )
         assert "certificate verify failed" in str(plain).lower()
@@ -186,7 +171,7 @@ async def test_nats_tls_handshake_that_never_completes_is_bounded() -> None:
     try:
         url = f"tls://app:{NATS_PASSWORD}@127.0.0.1:{port}?connect_timeout=0.5&connect_attempts=1"
         started = time.monotonic()
-        error = await _connect_fails(url, NATS_PASSWORD)
+        error = await connect_fails(url, NATS_PASSWORD)
         # the documented bound: 1 x (4 x 0.5 + 0.5) + 5 x 0.5 = 5 s
         assert time.monotonic() - started < 5.5
         assert "cannot connect to NATS" in str(error) and "timed out" in str(error)
@@ -256,17 +241,17 @@ async def test_mqtt_tls_with_credentials(
             await t.delete_topic(topic)
 
         # a wrong password: the broker refuses it
-        wrong = await _connect_fails(
+        wrong = await connect_fails(
             f"mqtts://app:wrong-pass-2@127.0.0.1:{port}?ca_file={cert}&{fast}",
             "wrong-pass-2",
             MQTT_PASSWORD,
         )
         assert "not authorized" in str(wrong).lower()
         # a client that does not trust the certificate (system CAs only)
-        untrusted = await _connect_fails(f"{base}?{fast}", MQTT_PASSWORD)
+        untrusted = await connect_fails(f"{base}?{fast}", MQTT_PASSWORD)
         assert "certificate verify failed" in str(untrusted).lower()
         # a plain client against the TLS listener
-        plain = await _connect_fails(
+        plain = await connect_fails(
             f"mqtt://app:{MQTT_PASSWORD}@127.0.0.1:{port}?{fast}", MQTT_PASSWORD
         )
         assert "after 2 attempts" in str(plain)

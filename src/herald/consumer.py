@@ -291,7 +291,7 @@ class GroupConsumer:
                     return
             except Exception:
                 log.exception(
-                    "group %s on %s: could not commit; %d deliveries will be redelivered",
+                    "group %s on %s: could not flush or commit; %d deliveries will be redelivered",
                     self.spec.group, self.spec.topic, len(done),
                 )  # fmt: skip
                 for d in done:

@@ -27,7 +27,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -389,11 +389,7 @@ class GroupMember:
             if self._flushed_seq >= mine or self.consumer is None:
                 return
             seq = self._dirty_seq
-            offsets = {
-                tp: OffsetAndMetadata(tr.committed, tr.metadata())
-                for tp, tr in self.trackers.items()
-                if tr.dirty and tr.committed is not None
-            }
+            offsets = self._offsets({})
             if offsets:
                 # cleared before the await: a change made while the commit is on the wire
                 # marks the tracker dirty again for the next flush
@@ -407,6 +403,19 @@ class GroupMember:
                         tr.dirty = True
                     raise
             self._flushed_seq = seq
+
+    def _offsets(
+        self, acking: Mapping[PartitionTracker, list[int]]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """What a commit sends: every partition changed since the last commit, and those with
+        offsets in ``acking``, counted as acked."""
+        out = {}
+        for tp, tr in self.trackers.items():
+            if tr.dirty or tr in acking:
+                committed, meta = tr.preview(acking.get(tr, ()))
+                if committed is not None:
+                    out[tp] = OffsetAndMetadata(committed, meta)
+        return out
 
     async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         assert self.consumer is not None
@@ -445,13 +454,7 @@ class GroupMember:
         for tok in tokens:
             acking.setdefault(tok.tracker, []).append(tok.offset)
         async with self._commit_lock:  # no plain commit of the same partitions in between
-            offsets = {}
-            for tp, tr in self.trackers.items():
-                if tr in acking or tr.dirty:
-                    committed, meta = tr.preview(acking.get(tr, []))
-                    if committed is not None:
-                        offsets[tp] = OffsetAndMetadata(committed, meta)
-            await self.transport.transactions.run(batches, offsets, self.group)
+            await self.transport.transactions.run(batches, self._offsets(acking), self.group)
         self.mark_acked(deliveries)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:

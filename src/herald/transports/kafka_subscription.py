@@ -34,10 +34,7 @@ class KafkaSubscription(Subscription):
         await anyio.lowlevel.checkpoint()  # a cancelled caller leaves before anything is claimed
         m = self._m
         while True:
-            if self._closed or m.closed:
-                raise TransportError(
-                    f"subscription to {self.topic!r} (group {self.group!r}) is closed"
-                )
+            self._check_open()
             out = m.take(max_messages)
             if out:
                 self._inflight.update(out)
@@ -67,8 +64,7 @@ class KafkaSubscription(Subscription):
         await self._m.flush()
 
     async def commit(self, deliveries: Sequence[Delivery], messages: Sequence[Message]) -> None:
-        if self._closed or self._m.closed:
-            raise TransportError(f"subscription to {self.topic!r} (group {self.group!r}) is closed")
+        self._check_open()
         mine = [d for d in deliveries if d in self._inflight]
         with anyio.CancelScope(shield=True):  # the outcome must reach the bookkeeping below
             await self._m.transact(mine, messages)
@@ -79,6 +75,10 @@ class KafkaSubscription(Subscription):
             return
         await self._m.nack(delivery, delay)
         self._inflight.discard(delivery)
+
+    def _check_open(self) -> None:
+        if self._closed or self._m.closed:
+            raise TransportError(f"subscription to {self.topic!r} (group {self.group!r}) is closed")
 
     async def close(self) -> None:
         if self._closed:

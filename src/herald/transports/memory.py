@@ -170,7 +170,7 @@ class MemorySubscription(Subscription):
         batches = by_topic(messages)  # every name checked before anything is published
         for topic, batch in batches.items():
             await self._owner.publish(topic, batch)  # never suspends
-        self._inflight.difference_update(deliveries)
+        await self.ack(deliveries)  # nor does this
 
     async def nack(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delivery not in self._inflight:

@@ -21,7 +21,7 @@ from herald.testing.conformance import connected, drain, make_messages, subscrib
 from herald.testing.servers import require_server
 from herald.transports import TransportError, open_transport
 from herald.transports.kafka import KafkaTransport
-from herald.transports.kafka_offsets import PartitionTracker, decode_metadata, encode_metadata
+from herald.transports.kafka.offsets import PartitionTracker, decode_metadata, encode_metadata
 
 pytestmark = pytest.mark.anyio
 PORTS = {"tansu": 9092, "noida": 9093}

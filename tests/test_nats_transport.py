@@ -21,7 +21,8 @@ from herald.message import Message, new_id
 from herald.testing.conformance import unique_name
 from herald.testing.servers import reachable, require_server
 from herald.transports import TransportError, open_transport
-from herald.transports._nats_wire import (
+from herald.transports.nats import NatsTransport, PayloadTooLarge
+from herald.transports.nats.wire import (
     decode_message,
     delivery_info,
     encode_headers,
@@ -29,7 +30,6 @@ from herald.transports._nats_wire import (
     stream_name,
     subject_for,
 )
-from herald.transports.nats import NatsTransport, PayloadTooLarge
 
 from .conftest import topic, wait_until
 

@@ -16,9 +16,9 @@ from herald.message import Message, new_id
 from herald.testing.conformance import drain, make_messages, unique_name
 from herald.testing.servers import require_server
 from herald.transports import TransportError, open_transport
-from herald.transports import _rabbitmq_subscription as rmq_sub
 from herald.transports import rabbitmq as rmq
-from herald.transports._rabbitmq_wire import group_queue, parse_url
+from herald.transports.rabbitmq import subscription as rmq_sub
+from herald.transports.rabbitmq.wire import group_queue, parse_url
 
 pytestmark = pytest.mark.anyio
 URL = "amqp://guest:guest@127.0.0.1:5672/"

@@ -28,8 +28,8 @@ from herald.message import Message, new_id
 from herald.testing.conformance import drain, make_messages
 from herald.testing.servers import in_ci, require_server
 from herald.transports import TransportError, open_transport
-from herald.transports._redis_options import parse_url as _parse_url
 from herald.transports.redis import RedisTransport
+from herald.transports.redis.options import parse_url as _parse_url
 
 from .conftest import free_port, self_signed
 

@@ -1,4 +1,4 @@
-"""SQLite-specific behaviour of :mod:`herald.transports.sqlite`.
+"""SQLite-specific behaviour of :mod:`herald.transports.sqlite.transport`.
 
 The generic transport contract is covered by the conformance suite; this file covers what only
 the SQLite broker has: URL options, file errors, leases and their expiry, durable nack delays,
@@ -23,7 +23,7 @@ from herald.message import Message, new_id
 from herald.transports import open_transport
 from herald.transports.base import Delivery, Transport, TransportError
 from herald.transports.sqlite import SqliteTransport
-from herald.transports.sqlite_subscription import _ack_runs
+from herald.transports.sqlite.subscription import _ack_runs
 
 
 @pytest.fixture
@@ -399,7 +399,7 @@ async def test_cleanup_keeps_what_a_group_still_needs(
     db: Path, transport: SqliteTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        "herald.transports.sqlite_subscription._CLEANUP_INTERVAL", 0.0
+        "herald.transports.sqlite.subscription._CLEANUP_INTERVAL", 0.0
     )  # every fetch
     await transport.publish("orders", msgs(10))
     await transport.publish("unread", msgs(4, topic="unread"))  # no group: kept

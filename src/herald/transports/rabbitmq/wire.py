@@ -1,0 +1,279 @@
+"""RabbitMQ helpers for :mod:`herald.transports.rabbitmq.transport`: URL options, object names, wire
+format.
+
+Kept apart from the transport so the I/O-free parts (what a URL means, what an envelope looks
+like as an AMQP message, what the broker objects are called) read and test on their own. The
+wire format itself is documented in the transport's module docstring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from pamqp.commands import Basic
+
+from herald.message import CONTENT_TYPE, Message, new_id
+from herald.transports import redact_url
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "KEY_HEADER",
+    "MAX_NAME",
+    "Options",
+    "decode",
+    "delay_bucket",
+    "delay_queue",
+    "encode",
+    "exchange_name",
+    "fit",
+    "group_queue",
+    "parked_name",
+    "parse_url",
+]
+
+#: Header the transport sets when it republishes a message itself (delayed redelivery):
+#: the attempt the next delivery is on. Absent means 1.
+ATTEMPT_HEADER = "x-herald-attempt"
+#: Header carrying the message key when the routing key cannot (republished copies, which are
+#: routed by queue name; a key of "" or longer than 255 bytes).
+KEY_HEADER = "x-herald-key"
+#: Headers the broker or this transport add; never part of the envelope's headers.
+_RESERVED = frozenset(
+    {
+        ATTEMPT_HEADER,
+        KEY_HEADER,
+        "x-delivery-count",
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+#: AMQP short strings (routing keys) hold at most 255 bytes.
+MAX_NAME = 255
+#: Exchange and queue names: AMQP 0-9-1 allows 127 characters (RabbitMQ more; the client
+#: library enforces the spec).
+MAX_OBJECT = 127
+#: RabbitMQ's default ``max_message_size`` (128 MiB); larger bodies are refused by the broker.
+MAX_PAYLOAD = 128 * 1024 * 1024
+#: Query parameters passed through to the AMQP client for TLS and heartbeats.
+_CLIENT_PARAMS = frozenset(
+    {"cafile", "capath", "certfile", "keyfile", "no_verify_ssl", "heartbeat"}
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a ``amqp://`` / ``amqps://`` URL asks for."""
+
+    #: The URL handed to the AMQP client (credentials included; never log it).
+    client_url: str
+    #: The URL with the password replaced by ``***``.
+    redacted: str
+    #: Seconds :meth:`connect` keeps retrying an unreachable broker before giving up.
+    connect_timeout: float = 10.0
+    #: group -> routing-key patterns its queue is bound with (default: ``["#"]``, everything).
+    bindings: dict[str, list[str]] = field(default_factory=dict)
+
+
+def parse_url(url: str) -> Options:
+    """Parse ``amqp[s]://user:password@host:port/vhost?options``; ``ValueError`` if malformed.
+
+    Options: ``connect_timeout`` (seconds, default 10), ``bind=GROUP:PATTERN`` (repeatable;
+    binds that group's queue with an AMQP topic pattern instead of ``#``), and the TLS /
+    heartbeat parameters of the AMQP client (``cafile``, ``capath``, ``certfile``,
+    ``keyfile``, ``no_verify_ssl``, ``heartbeat``).
+    """
+    safe = redact_url(url) if isinstance(url, str) else repr(url)
+    if not isinstance(url, str):
+        raise ValueError(f"not a RabbitMQ URL: {safe}")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError as e:
+        raise ValueError(f"malformed RabbitMQ URL {safe!r}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("amqp", "amqps"):
+        raise ValueError(f"not a RabbitMQ URL: {safe!r} (expected amqp:// or amqps://)")
+    if not parts.hostname:
+        raise ValueError(f"RabbitMQ URL {safe!r} has no host")
+    if parts.fragment:
+        raise ValueError(f"RabbitMQ URL {safe!r} must not have a #fragment")
+    path = parts.path
+    if path.count("/") > 1:
+        raise ValueError(f"RabbitMQ URL {safe!r}: the path is the vhost; write '/' as %2F")
+    connect_timeout = 10.0
+    bindings: dict[str, list[str]] = {}
+    passthrough: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if name == "connect_timeout":
+            try:
+                connect_timeout = float(value)
+            except ValueError:
+                connect_timeout = -1.0
+            if not (0 <= connect_timeout <= 3600) or math.isnan(connect_timeout):
+                raise ValueError(
+                    f"connect_timeout must be 0..3600 seconds, got {value!r} in {safe!r}"
+                )
+        elif name == "bind":
+            group, sep, pattern = value.partition(":")
+            if not sep or not group or not pattern:
+                raise ValueError(f"bind must be GROUP:PATTERN, got {value!r} in {safe!r}")
+            if len(pattern.encode()) > MAX_NAME:
+                raise ValueError(f"bind pattern longer than {MAX_NAME} bytes in {safe!r}")
+            bindings.setdefault(group, []).append(pattern)
+        elif name in _CLIENT_PARAMS:
+            passthrough.append((name, value))
+        else:
+            raise ValueError(
+                f"unknown RabbitMQ URL option {name!r} in {safe!r}; known: connect_timeout, "
+                "bind, " + ", ".join(sorted(_CLIENT_PARAMS))
+            )
+    # rebuild for the client: only the options it understands
+    netloc = parts.netloc
+    query = "&".join(f"{k}={v}" for k, v in passthrough)
+    client_url = f"{scheme}://{netloc}{path or '/'}" + (f"?{query}" if query else "")
+    if unquote(path[1:]) == "" and path not in ("", "/"):
+        raise ValueError(f"RabbitMQ URL {safe!r} has an empty vhost")
+    return Options(client_url, redact_url(url), connect_timeout, bindings)
+
+
+# --- object names -------------------------------------------------------------------------
+# ':' never occurs in topic or group names, so names built with it cannot collide with a topic
+# exchange or with another topic's objects (with '.', topic "a.b" group "c" and topic "a"
+# group "b.c" would share a queue).
+
+
+def fit(name: str) -> str:
+    """Return ``name`` if it fits an AMQP short string, else a stable shortened form."""
+    if len(name.encode()) <= MAX_OBJECT:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:32]
+    return f"{name[:90]}:{digest}"
+
+
+def exchange_name(topic: str) -> str:
+    """The topic exchange of ``topic``: the topic's name (shortened past 127 characters)."""
+    return fit(topic)
+
+
+def group_queue(topic: str, group: str) -> str:
+    """The durable queue of ``group`` on ``topic``: ``<topic>:<group>``."""
+    return fit(f"{topic}:{group}")
+
+
+def parked_name(topic: str) -> str:
+    """The alternate exchange and queue holding messages no group was bound for."""
+    return fit(f"{topic}:parked")
+
+
+def delay_bucket(delay: float) -> int:
+    """The delay queue bucket (milliseconds, a power of two >= 16) for ``delay`` seconds."""
+    ms = max(1, math.ceil(delay * 1000))
+    return max(16, 1 << (ms - 1).bit_length())
+
+
+def delay_queue(topic: str, group: str, bucket_ms: int) -> str:
+    """The TTL queue that holds ``group``'s delayed redeliveries of up to ``bucket_ms``."""
+    return fit(f"{topic}:{group}:delay:{bucket_ms}")
+
+
+# --- wire format --------------------------------------------------------------------------
+
+
+def encode(
+    message: Message, *, attempt: int = 1, key_header: bool = False
+) -> tuple[str, Basic.Properties]:
+    """Return the routing key and AMQP properties for ``message``.
+
+    ``key_header`` also writes the key into :data:`KEY_HEADER` (republished copies are routed
+    by queue name, so the routing key cannot carry it there).
+    """
+    key = message.key
+    headers: dict[str, Any] = dict(message.headers) if message.headers else {}
+    if key is None:
+        routing_key = ""
+    else:
+        routing_key = key
+        if key_header or key == "" or len(key.encode()) > MAX_NAME:
+            headers[KEY_HEADER] = key
+            routing_key = key.encode()[:MAX_NAME].decode(errors="ignore")
+    if attempt != 1:
+        headers[ATTEMPT_HEADER] = str(attempt)
+    props = Basic.Properties(
+        delivery_mode=2,
+        message_id=message.id,
+        message_type=message.type,
+        content_type=message.headers.get(CONTENT_TYPE) if message.headers else None,
+        headers=headers or None,
+    )
+    return routing_key, props
+
+
+def _text(value: Any) -> str:
+    """A header value from a plain client as the envelope's str."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode(errors="replace")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def decode(
+    topic: str,
+    routing_key: str,
+    props: Basic.Properties,
+    body: bytes,
+    redelivered: bool,
+) -> tuple[Message, int]:
+    """Return the envelope and the attempt number of one delivered AMQP message."""
+    raw = props.headers or {}
+    headers: dict[str, str] = {}
+    attempt = 1
+    delivery_count = -1
+    key: str | None = routing_key if routing_key else None
+    for name, value in raw.items():
+        if name not in _RESERVED:
+            headers[name] = _text(value)
+        elif name == KEY_HEADER:
+            key = _text(value)
+        elif name == ATTEMPT_HEADER:
+            try:
+                attempt = max(1, int(_text(value)))
+            except ValueError:
+                attempt = 1
+        elif name == "x-delivery-count":  # quorum queues: returns since it was enqueued
+            try:
+                delivery_count = int(_text(value))
+            except ValueError:
+                delivery_count = -1
+    if delivery_count >= 0:
+        attempt += delivery_count
+    elif redelivered:  # a classic queue says only "seen before"
+        attempt += 1
+    if props.content_type and CONTENT_TYPE not in headers:
+        headers[CONTENT_TYPE] = props.content_type
+    message = Message(
+        id=props.message_id or new_id(),
+        topic=topic,
+        payload=body,
+        key=key,
+        type=props.message_type or None,
+        headers=headers,
+    )
+    return message, attempt

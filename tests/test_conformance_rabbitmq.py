@@ -9,7 +9,7 @@ import pytest
 from herald.testing.conformance import TransportConformance
 from herald.testing.servers import require_server
 from herald.transports import open_transport
-from herald.transports import rabbitmq as rabbitmq_module
+from herald.transports.rabbitmq import transport as rabbitmq_module
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 

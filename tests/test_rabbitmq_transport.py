@@ -16,8 +16,8 @@ from herald.message import Message, new_id
 from herald.testing.conformance import drain, make_messages, unique_name
 from herald.testing.servers import require_server
 from herald.transports import TransportError, open_transport
-from herald.transports.rabbitmq import transport as rmq
 from herald.transports.rabbitmq import subscription as rmq_sub
+from herald.transports.rabbitmq import transport as rmq
 from herald.transports.rabbitmq.wire import group_queue, parse_url
 
 pytestmark = pytest.mark.anyio

@@ -22,11 +22,11 @@ from herald.testing.conformance import unique_name
 from herald.testing.servers import reachable, require_server
 from herald.transports import TransportError, open_transport
 from herald.transports.nats import NatsTransport, PayloadTooLarge
+from herald.transports.nats.options import parse_url
 from herald.transports.nats.wire import (
     decode_message,
     delivery_info,
     encode_headers,
-    parse_url,
     stream_name,
     subject_for,
 )

@@ -18,7 +18,8 @@ from herald.testing.servers import require_server
 from herald.transports import TransportError, open_transport
 from herald.transports.rabbitmq import subscription as rmq_sub
 from herald.transports.rabbitmq import transport as rmq
-from herald.transports.rabbitmq.wire import group_queue, parse_url
+from herald.transports.rabbitmq.options import parse_url
+from herald.transports.rabbitmq.wire import group_queue
 
 pytestmark = pytest.mark.anyio
 URL = "amqp://guest:guest@127.0.0.1:5672/"

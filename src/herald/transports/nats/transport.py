@@ -138,6 +138,7 @@ from herald.transports.base import (
     TransportError,
     validate_name,
 )
+from herald.transports.nats.options import NatsOptions, parse_url
 from herald.transports.nats.subscription import (
     TRANSIENT as _TRANSIENT,
 )
@@ -147,14 +148,7 @@ from herald.transports.nats.subscription import (
 from herald.transports.nats.subscription import (
     quiet as _quiet,
 )
-from herald.transports.nats.wire import (
-    NatsOptions,
-    consumer_name,
-    encode_headers,
-    parse_url,
-    stream_name,
-    subject_for,
-)
+from herald.transports.nats.wire import consumer_name, encode_headers, stream_name, subject_for
 
 __all__ = ["NatsSubscription", "NatsTransport", "PayloadTooLarge"]
 

@@ -19,7 +19,7 @@ import aiormq
 import anyio
 
 from herald.transports.base import TransportError
-from herald.transports.rabbitmq.wire import Options
+from herald.transports.rabbitmq.options import Options
 
 __all__ = ["GONE", "Link"]
 

@@ -127,17 +127,16 @@ from herald.transports.base import (
     validate_name,
 )
 from herald.transports.rabbitmq.connection import GONE, Link
+from herald.transports.rabbitmq.options import Options, parse_url
 from herald.transports.rabbitmq.subscription import RabbitMQSubscription
 from herald.transports.rabbitmq.wire import (
     MAX_PAYLOAD,
-    Options,
     delay_bucket,
     delay_queue,
     encode,
     exchange_name,
     group_queue,
     parked_name,
-    parse_url,
 )
 
 __all__ = ["MAX_PAYLOAD", "RabbitMQSubscription", "RabbitMQTransport"]

@@ -1,31 +1,26 @@
-"""RabbitMQ helpers for :mod:`herald.transports.rabbitmq.transport`: URL options, object names, wire
-format.
+"""RabbitMQ helpers for :mod:`herald.transports.rabbitmq.transport`: object names, wire format.
 
-Kept apart from the transport so the I/O-free parts (what a URL means, what an envelope looks
-like as an AMQP message, what the broker objects are called) read and test on their own. The
-wire format itself is documented in the transport's module docstring.
+Kept apart from the transport so the I/O-free parts (what an envelope looks like as an AMQP
+message, what the broker objects are called) read and test on their own. The wire format itself
+is documented in the transport's module docstring.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pamqp.commands import Basic
 
 from herald.message import CONTENT_TYPE, Message, new_id
-from herald.transports import redact_url
 
 __all__ = [
     "ATTEMPT_HEADER",
     "KEY_HEADER",
     "MAX_NAME",
-    "Options",
     "decode",
     "delay_bucket",
     "delay_queue",
@@ -34,7 +29,6 @@ __all__ = [
     "fit",
     "group_queue",
     "parked_name",
-    "parse_url",
 ]
 
 #: Header the transport sets when it republishes a message itself (delayed redelivery):
@@ -65,88 +59,6 @@ MAX_NAME = 255
 MAX_OBJECT = 127
 #: RabbitMQ's default ``max_message_size`` (128 MiB); larger bodies are refused by the broker.
 MAX_PAYLOAD = 128 * 1024 * 1024
-#: Query parameters passed through to the AMQP client for TLS and heartbeats.
-_CLIENT_PARAMS = frozenset(
-    {"cafile", "capath", "certfile", "keyfile", "no_verify_ssl", "heartbeat"}
-)
-
-
-@dataclass(frozen=True)
-class Options:
-    """What a ``amqp://`` / ``amqps://`` URL asks for."""
-
-    #: The URL handed to the AMQP client (credentials included; never log it).
-    client_url: str
-    #: The URL with the password replaced by ``***``.
-    redacted: str
-    #: Seconds :meth:`connect` keeps retrying an unreachable broker before giving up.
-    connect_timeout: float = 10.0
-    #: group -> routing-key patterns its queue is bound with (default: ``["#"]``, everything).
-    bindings: dict[str, list[str]] = field(default_factory=dict)
-
-
-def parse_url(url: str) -> Options:
-    """Parse ``amqp[s]://user:password@host:port/vhost?options``; ``ValueError`` if malformed.
-
-    Options: ``connect_timeout`` (seconds, default 10), ``bind=GROUP:PATTERN`` (repeatable;
-    binds that group's queue with an AMQP topic pattern instead of ``#``), and the TLS /
-    heartbeat parameters of the AMQP client (``cafile``, ``capath``, ``certfile``,
-    ``keyfile``, ``no_verify_ssl``, ``heartbeat``).
-    """
-    safe = redact_url(url) if isinstance(url, str) else repr(url)
-    if not isinstance(url, str):
-        raise ValueError(f"not a RabbitMQ URL: {safe}")
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises ValueError for a bad port
-    except ValueError as e:
-        raise ValueError(f"malformed RabbitMQ URL {safe!r}: {e}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("amqp", "amqps"):
-        raise ValueError(f"not a RabbitMQ URL: {safe!r} (expected amqp:// or amqps://)")
-    if not parts.hostname:
-        raise ValueError(f"RabbitMQ URL {safe!r} has no host")
-    if parts.fragment:
-        raise ValueError(f"RabbitMQ URL {safe!r} must not have a #fragment")
-    path = parts.path
-    if path.count("/") > 1:
-        raise ValueError(f"RabbitMQ URL {safe!r}: the path is the vhost; write '/' as %2F")
-    connect_timeout = 10.0
-    bindings: dict[str, list[str]] = {}
-    passthrough: list[tuple[str, str]] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if name == "connect_timeout":
-            try:
-                connect_timeout = float(value)
-            except ValueError:
-                connect_timeout = -1.0
-            if not (0 <= connect_timeout <= 3600) or math.isnan(connect_timeout):
-                raise ValueError(
-                    f"connect_timeout must be 0..3600 seconds, got {value!r} in {safe!r}"
-                )
-        elif name == "bind":
-            group, sep, pattern = value.partition(":")
-            if not sep or not group or not pattern:
-                raise ValueError(f"bind must be GROUP:PATTERN, got {value!r} in {safe!r}")
-            if len(pattern.encode()) > MAX_NAME:
-                raise ValueError(f"bind pattern longer than {MAX_NAME} bytes in {safe!r}")
-            bindings.setdefault(group, []).append(pattern)
-        elif name in _CLIENT_PARAMS:
-            passthrough.append((name, value))
-        else:
-            raise ValueError(
-                f"unknown RabbitMQ URL option {name!r} in {safe!r}; known: connect_timeout, "
-                "bind, " + ", ".join(sorted(_CLIENT_PARAMS))
-            )
-    # rebuild for the client: only the options it understands
-    netloc = parts.netloc
-    query = "&".join(f"{k}={v}" for k, v in passthrough)
-    client_url = f"{scheme}://{netloc}{path or '/'}" + (f"?{query}" if query else "")
-    if unquote(path[1:]) == "" and path not in ("", "/"):
-        raise ValueError(f"RabbitMQ URL {safe!r} has an empty vhost")
-    return Options(client_url, redact_url(url), connect_timeout, bindings)
-
-
 # --- object names -------------------------------------------------------------------------
 # ':' never occurs in topic or group names, so names built with it cannot collide with a topic
 # exchange or with another topic's objects (with '.', topic "a.b" group "c" and topic "a"

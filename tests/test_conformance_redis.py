@@ -12,7 +12,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from herald.testing import conformance
+from herald.testing import helpers
 from herald.testing.conformance import TransportConformance
 from herald.testing.servers import require_server
 
@@ -42,7 +42,7 @@ class TestRedis(TransportConformance):
             made.append(u.hex[:16])
             return u
 
-        monkeypatch.setattr(conformance.uuid, "uuid4", recording)
+        monkeypatch.setattr(helpers.uuid, "uuid4", recording)
         yield
         monkeypatch.undo()
 

@@ -17,9 +17,9 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herald import App, Message  # noqa: E402
-from herald.eventsourcing import EventStore, Repository  # noqa: E402
-from tests.es_support import Account, MoneyDeposited  # noqa: E402
+from herald import App, Message
+from herald.eventsourcing import EventStore, Repository
+from tests.es_support import Account, MoneyDeposited
 
 
 async def main(broker: str, store_url: str, prefix: str, kill_after: int) -> None:

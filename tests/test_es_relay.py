@@ -18,7 +18,7 @@ from herald.eventsourcing import EventStore, Repository
 from herald.eventsourcing.causation import caused_by
 
 from .conftest import wait_until
-from .es_support import Account, MoneyDeposited, database_url, drop_postgres, unique_prefix
+from .es_support import Account, database_url, drop_postgres, unique_prefix
 
 pytestmark = pytest.mark.anyio
 HERE = Path(__file__).resolve().parent

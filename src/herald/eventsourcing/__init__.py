@@ -9,14 +9,23 @@ from herald.eventsourcing.aggregate import Aggregate
 from herald.eventsourcing.errors import (
     AggregateNotFound,
     ConcurrencyError,
+    ProjectionFailed,
     Rejected,
     UnknownEvent,
 )
+from herald.eventsourcing.projection import (
+    Projection,
+    ProjectionStatus,
+    projection,
+    projections_of,
+)
+from herald.eventsourcing.readmodel import ReadModel, Tx
 from herald.eventsourcing.recorded import Recorded, Snapshot
 from herald.eventsourcing.registry import EventRegistry, schema_version
 from herald.eventsourcing.relay import Relay
 from herald.eventsourcing.repository import Repository
 from herald.eventsourcing.store import EventStore
+from herald.eventsourcing.upcasting import upcasting
 
 __all__ = [
     "Aggregate",
@@ -24,11 +33,19 @@ __all__ = [
     "ConcurrencyError",
     "EventRegistry",
     "EventStore",
+    "Projection",
+    "ProjectionFailed",
+    "ProjectionStatus",
+    "ReadModel",
     "Recorded",
     "Rejected",
     "Relay",
     "Repository",
     "Snapshot",
+    "Tx",
     "UnknownEvent",
+    "projection",
+    "projections_of",
     "schema_version",
+    "upcasting",
 ]

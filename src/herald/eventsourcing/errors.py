@@ -7,6 +7,7 @@ from herald.errors import DecodeError, Permanent
 __all__ = [
     "AggregateNotFound",
     "ConcurrencyError",
+    "ProjectionFailed",
     "Rejected",
     "UnknownEvent",
 ]
@@ -54,3 +55,19 @@ class Rejected(Permanent):
     Raised in a command handler, it is not retried: the sender waiting for the reply gets it
     back as a :class:`Rejected` with the same reason, and the command is acked.
     """
+
+
+class ProjectionFailed(Exception):
+    """A projection handler raised on a stored event. The read model and the projection's
+    position hold everything before that event; the position never moves past it. The
+    triggering message takes the usual path: retries, delayed redelivery, dead letters."""
+
+    def __init__(self, projection: str, stream: str, version: int, position: int, type_: str):
+        self.projection = projection
+        self.stream = stream
+        self.version = version
+        self.position = position
+        super().__init__(
+            f"projection {projection!r} failed on {type_} {stream!r} v{version} "
+            f"(position {position}); it stays at the event before"
+        )

@@ -6,6 +6,7 @@ the core never imports this package.
 """
 
 from herald.eventsourcing.aggregate import Aggregate
+from herald.eventsourcing.commands import Commands
 from herald.eventsourcing.errors import (
     AggregateNotFound,
     ConcurrencyError,
@@ -30,6 +31,7 @@ from herald.eventsourcing.upcasting import upcasting
 __all__ = [
     "Aggregate",
     "AggregateNotFound",
+    "Commands",
     "ConcurrencyError",
     "EventRegistry",
     "EventStore",

@@ -65,3 +65,52 @@ def test_iot_alerts_pages_only_critical_alerts() -> None:
     assert len(pages) == sum("[critical]" in line for line in alerts)
     assert "120 readings checked" in lines[-1]
     assert f"{len(pages)} paged" in lines[-1]
+
+
+def test_bank_account_event_sourcing(tmp_path: Path) -> None:
+    proc = run_example("bank_account.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "deposit 100 -> balance 100" in out
+    assert "withdraw 500 -> rejected: insufficient funds: balance 120, asked 500" in out
+    assert "conflict: stream 'acc-" in out and "expected 4" in out
+    assert "resolved: clerk B's withdrawal applied on version 5, balance 105" in out
+    assert "read model: balance 105" in out
+    assert out.count("+100") == 1 and "-20" in out  # the statement, each movement once
+    assert "as of yesterday: balance 100 (version 2)" in out
+    assert "today: balance 105 (version 6)" in out
+    assert (tmp_path / "bank.db").exists() and (tmp_path / "bank_read.db").exists()
+
+
+def test_bank_account_runs_under_herald_run(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    herald = Path(sys.executable).parent / "herald"
+    env = {**os.environ, "BANK_DATA": str(tmp_path), "PYTHONIOENCODING": "utf-8"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(EXAMPLES.parent / "src"), str(EXAMPLES.parent), env.get("PYTHONPATH", "")]
+    )
+    worker = subprocess.Popen(
+        [str(herald), "run", "examples.bank_account:app"],
+        cwd=EXAMPLES.parent,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "bank_read.db").exists():  # projections open at start
+            assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        # the scripted day, with this worker competing for the commands
+        proc = run_example("bank_account.py", str(tmp_path))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "read model: balance 105" in proc.stdout
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "bank started" in err

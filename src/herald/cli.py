@@ -356,5 +356,10 @@ def dlq_purge(
     _bulk("purging", broker, topic, limit, _where(match, type))
 
 
+from herald.eventsourcing.cli import projections_cli  # noqa: E402  (the CLI is the top layer)
+
+cli.add_typer(projections_cli, name="projections")
+
+
 def main() -> None:
     cli()

@@ -92,6 +92,7 @@ class Relay:
         self.lease_ttl = lease_ttl
         self.owner = new_id()
         self._lock = anyio.Lock()
+        self._done_upto = 0  # every event at or below this position is published
         #: events published by this relay since start (re-publishes included)
         self.published = 0
         #: whether the app is running (saves pump only then; the app's start pumps the rest)
@@ -125,15 +126,19 @@ class Relay:
         """The position of the last event published (0 if none)."""
         return await self.store.backend.relay_position(self.name)
 
-    async def pump(self) -> int:
+    async def pump(self, upto: int | None = None) -> int:
         """Publish everything stored after the relay's cursor; return how many events.
 
         Returns once the events committed before the call are on the broker (durably, as the
         transport's ``publish`` promises). Raises the transport's error if publishing fails;
-        the cursor then stays, and the next pump publishes them again.
+        the cursor then stays, and the next pump publishes them again. ``upto``: the caller
+        only needs events up to this position published; if this relay has already done so
+        (a concurrent save's pump took them along), it returns at once.
         """
         backend = self.store.backend
         async with self._lock:
+            if upto is not None and upto <= self._done_upto:
+                return 0
             deadline = time.monotonic() + self.lease_ttl + 1.0
             while True:
                 pos = await backend.claim_relay(self.name, self.owner, self.lease_ttl, time.time())
@@ -162,6 +167,7 @@ class Relay:
             finally:
                 with anyio.CancelScope(shield=True):
                     await backend.advance_relay(self.name, self.owner, pos, release=True)
+            self._done_upto = max(self._done_upto, pos)
             self.published += sent
             return sent
 

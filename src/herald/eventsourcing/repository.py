@@ -146,15 +146,15 @@ class Repository(Generic[A]):
             aggregate.id, events, expected, topic=self.topic, snapshot=snap
         )
         aggregate._saved()
-        await self._publish()
+        await self._publish(recs[-1].position)
         return recs
 
-    async def _publish(self) -> None:
+    async def _publish(self, upto: int) -> None:
         relay = self.relay
         if relay is None or not relay.running:
             return
         try:
-            await relay.pump()
+            await relay.pump(upto)
         except Exception as e:  # stored is what counts; the next pump publishes it
             log.warning("events stored but not yet published (the relay will retry): %s", e)
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from herald.eventsourcing.projection import Projection, projections_of
-from herald.transports.base import TransportError
+from herald.transports import TransportError
 
 __all__ = ["projections_cli"]
 

@@ -32,8 +32,7 @@ from psycopg.types.json import Jsonb
 from herald.eventsourcing.backend import AppendRequest, StoreBackend
 from herald.eventsourcing.errors import ConcurrencyError
 from herald.eventsourcing.recorded import Recorded, Snapshot
-from herald.transports import redact_url
-from herald.transports.base import TransportError
+from herald.transports import TransportError, redact_url
 
 __all__ = ["PostgresBackend"]
 

@@ -31,8 +31,7 @@ import anyio
 import anyio.to_thread
 
 from herald.eventsourcing.recorded import Recorded
-from herald.transports import redact_url
-from herald.transports.base import TransportError
+from herald.transports import TransportError, redact_url
 
 __all__ = ["ReadModel", "Tx"]
 

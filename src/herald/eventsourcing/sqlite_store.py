@@ -32,7 +32,7 @@ import msgspec
 from herald.eventsourcing.backend import AppendRequest, StoreBackend
 from herald.eventsourcing.errors import ConcurrencyError
 from herald.eventsourcing.recorded import Recorded, Snapshot
-from herald.transports.base import TransportError
+from herald.transports import TransportError
 
 __all__ = ["SqliteBackend"]
 

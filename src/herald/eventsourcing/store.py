@@ -39,8 +39,7 @@ from herald.eventsourcing.errors import ConcurrencyError
 from herald.eventsourcing.recorded import NewEvent, Recorded, Snapshot
 from herald.eventsourcing.registry import EventRegistry, schema_version
 from herald.message import new_ids
-from herald.transports import redact_url
-from herald.transports.base import TransportError
+from herald.transports import TransportError, redact_url
 
 __all__ = ["EventStore"]
 

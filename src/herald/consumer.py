@@ -28,24 +28,28 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
+from herald.app_like import AppLike
 from herald.context import Context
-from herald.dlq import REPLAY_GROUP, TOOL_GROUP
 from herald.errors import DecodeError
 from herald.message import Message, utc_now_rfc3339
 from herald.middleware.base import CallNext, Middleware
-from herald.middleware.deadletter import dead_letter, dead_letter_topic, skipped, skipped_topic
+from herald.middleware.deadletter import (
+    REPLAY_GROUP,
+    TOOL_GROUP,
+    dead_letter,
+    dead_letter_topic,
+    skipped,
+    skipped_topic,
+)
 from herald.middleware.dedupe import Dedupe
 from herald.middleware.retry import Retry
 from herald.subscriber import GroupSpec, Handler
 from herald.transports.base import Delivery, Subscription
-
-if TYPE_CHECKING:
-    from herald.app import App
 
 __all__ = ["ConsumerStats", "GroupConsumer"]
 
@@ -68,7 +72,7 @@ class ConsumerStats:
 
 class GroupConsumer:
     def __init__(
-        self, app: App, spec: GroupSpec, retry: Retry, middleware: Sequence[Middleware] = ()
+        self, app: AppLike, spec: GroupSpec, retry: Retry, middleware: Sequence[Middleware] = ()
     ) -> None:
         self.app = app
         self.spec = spec

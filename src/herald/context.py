@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio.from_thread
 
+from herald.app_like import AppLike
 from herald.errors import CascadeLimitExceeded
 from herald.message import CAUSATION_ID, CORRELATION_ID, HOPS, Message
-
-if TYPE_CHECKING:
-    from herald.app import App
 
 __all__ = ["INHERIT", "Context", "InheritKey"]
 
@@ -38,7 +36,7 @@ class Context:
     __slots__ = ("app", "attempt", "group", "handler", "message", "outbox", "state")
 
     def __init__(
-        self, app: App, message: Message, attempt: int, group: str, handler: str = ""
+        self, app: AppLike, message: Message, attempt: int, group: str, handler: str = ""
     ) -> None:
         self.app = app
         self.message = message

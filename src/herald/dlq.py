@@ -21,15 +21,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
 from herald.message import Message, new_id
+from herald.middleware.deadletter import REPLAY_GROUP, TOOL_GROUP
 from herald.transports import Transport, open_transport, validate_name
 from herald.transports.base import Delivery, Subscription
 
 __all__ = ["REPLAY_GROUP", "TOOL_GROUP", "DeadLetters"]
 
-#: Header on a replayed message: only this group handles it; other groups ack and skip it.
-REPLAY_GROUP = "replay_group"
-#: The consumer group the tooling reads dead-letter topics with.
-TOOL_GROUP = "herald.dlq"
+# REPLAY_GROUP and TOOL_GROUP live with the dead-letter naming (the consumer needs them and
+# must not import this tool); re-exported here for the tool's users.
 
 Where = Callable[[Message], bool]
 Progress = Callable[[int], None]

@@ -11,9 +11,23 @@ import traceback
 
 from herald.message import Message, new_id, utc_now_rfc3339
 
-__all__ = ["DLQ_PREFIX", "dead_letter", "dead_letter_topic", "skipped", "skipped_topic"]
+__all__ = [
+    "DLQ_PREFIX",
+    "REPLAY_GROUP",
+    "TOOL_GROUP",
+    "dead_letter",
+    "dead_letter_topic",
+    "skipped",
+    "skipped_topic",
+]
 
 DLQ_PREFIX = "dlq."
+#: Header on a replayed dead letter naming the group that failed it: only that group handles
+#: the replay; the topic's other groups ack and skip it.
+REPLAY_GROUP = "replay_group"
+#: The consumer group the dead-letter tooling (:mod:`herald.dlq`) reads dead-letter topics
+#: with; a consumer joins it on its dead-letter topics where the engine cannot replay.
+TOOL_GROUP = "herald.dlq"
 _TRACEBACK_LIMIT = 4000  # characters; headers must stay small enough for every broker
 
 

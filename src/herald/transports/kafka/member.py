@@ -2,13 +2,13 @@
 
 A transport opens one :class:`aiokafka.AIOKafkaConsumer` per (topic, group) it subscribes to,
 shared by every local subscription of that pair
-(:class:`~herald.transports.kafka_subscription.KafkaSubscription`): local subscriptions compete
+(:class:`~herald.transports.kafka.subscription.KafkaSubscription`): local subscriptions compete
 for the member's records in memory (no rebalance per local subscriber), and the member leaves the
 Kafka group when the last local subscription closes. The member consumes the topic and the
 group's retry topic ``<topic>.<group>.retry`` together.
 
 Commits never skip: each assigned partition has a
-:class:`~herald.transports.kafka_offsets.PartitionTracker`; acks move its committed offset over
+:class:`~herald.transports.kafka.offsets.PartitionTracker`; acks move its committed offset over
 the contiguous acked prefix only, and commits are serialised and coalesced (one OffsetCommit
 request covers every partition that changed). Partitions being revoked in a rebalance get what
 is acked committed first; a partition assigned back to us in the same rebalance keeps its state
@@ -28,7 +28,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition  # type: ignore[import-untyped]
@@ -42,36 +42,24 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
 from aiokafka.structs import OffsetAndMetadata  # type: ignore[import-untyped]
 
 from herald.message import Message
-from herald.transports.base import Delivery, Start, TransportError, by_topic
-from herald.transports.kafka.offsets import PartitionTracker
-from herald.transports.kafka.wire import ATTEMPT_HEADER, DUE_AT_HEADER, decode_record
+from herald.transports.base import Delivery, Start, Subscription, TransportError, by_topic
+from herald.transports.kafka.offsets import OffsetToken, PartitionTracker
+from herald.transports.kafka.transactions import KafkaTransactions
+from herald.transports.kafka.wire import (
+    ATTEMPT_HEADER,
+    DUE_AT_HEADER,
+    decode_record,
+    due_at_ms,
+    retry_topic,
+)
 
-if TYPE_CHECKING:
-    from herald.transports.kafka.subscription import KafkaSubscription
-    from herald.transports.kafka.transport import KafkaTransport
-
-__all__ = ["GroupMember", "retry_topic"]
+__all__ = ["GroupMember", "Owner"]
 
 log = logging.getLogger("herald.transports.kafka")
 
 _tiebreak = itertools.count()
 #: retry records not yet due above which the retry partitions are paused (memory bound)
 _MAX_DELAYED = 10_000
-
-
-def retry_topic(topic: str, group: str) -> str:
-    """The retry topic of ``group`` on ``topic``."""
-    return f"{topic}.{group}.retry"
-
-
-class _Token:
-    """A delivery's handle: the tracker of its partition and its offset."""
-
-    __slots__ = ("offset", "tracker")
-
-    def __init__(self, tracker: PartitionTracker, offset: int) -> None:
-        self.tracker = tracker
-        self.offset = offset
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -85,23 +73,53 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._member.on_assigned(set(assigned))
 
 
+class Owner(Protocol):
+    """What a group member (and its local subscriptions) use of the transport. The transport
+    module imports this one, so this one names these members instead of the class."""
+
+    fetch_max: int
+    join_timeout: float
+    commit_timeout: float
+    strict_attempts: bool
+    transactions: KafkaTransactions
+
+    @property
+    def url(self) -> str: ...
+
+    def consumer_options(self) -> dict[str, Any]: ...
+
+    async def produce(
+        self, topic: str, messages: Sequence[Message], extra: Sequence[tuple[str, bytes]]
+    ) -> None: ...
+
+    async def release(
+        self, member: GroupMember, sub: Subscription, held: Sequence[Any]
+    ) -> None: ...
+
+    def remember_metadata(self, member: GroupMember) -> None: ...
+
+    def recall_metadata(
+        self, topic: str, group: str
+    ) -> dict[TopicPartition, tuple[int | None, str]]: ...
+
+
 class GroupMember:
     """One Kafka consumer-group member shared by the local subscriptions of (topic, group)."""
 
-    def __init__(self, transport: KafkaTransport, topic: str, group: str, start: Start) -> None:
+    def __init__(self, transport: Owner, topic: str, group: str, start: Start) -> None:
         self.transport = transport
         self.topic = topic
         self.group = group
         self.retry_topic = retry_topic(topic, group)
         self.start = start
-        self.subs: set[KafkaSubscription] = set()
+        self.subs: set[Subscription] = set()  # the local ones, each a KafkaSubscription
         self.consumer: AIOKafkaConsumer | None = None
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
         self._revoked: dict[TopicPartition, PartitionTracker] = {}
         # records fetched, not handed out yet; and local redeliveries (message, attempt, token)
         # (partition, record): the partition object from getmany, so take() builds none
         self._buffer: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = deque()
-        self._again: deque[tuple[Message, int, _Token]] = deque()
+        self._again: deque[tuple[Message, int, OffsetToken]] = deque()
         self._delayed: list[tuple[float, int, ConsumerRecord[bytes, bytes]]] = []
         self._fetch_lock = anyio.Lock()
         self._commit_lock = anyio.Lock()
@@ -282,7 +300,7 @@ class GroupMember:
             for r in records:
                 tr.fetched(r.offset)
                 if retry:
-                    due = _due_at(r)
+                    due = due_at_ms(r.headers)
                     if due > now_ms:
                         heapq.heappush(self._delayed, (due / 1000, next(_tiebreak), r))
                         continue
@@ -331,7 +349,7 @@ class GroupMember:
                 continue  # revoked, or acked out of order before a previous owner left
             msg, reserved = decode_record(topic, r.partition, r.offset, r.key, r.value, r.headers)
             base = int(reserved.get(ATTEMPT_HEADER, "1") or 1)
-            out.append(Delivery(msg, base + tr.handout(r.offset), _Token(tr, r.offset)))
+            out.append(Delivery(msg, base + tr.handout(r.offset), OffsetToken(tr, r.offset)))
         if out:
             self._dirty_seq += 1
         return out
@@ -376,7 +394,7 @@ class GroupMember:
 
     def mark_acked(self, deliveries: Sequence[Delivery]) -> None:
         for d in deliveries:
-            tok: _Token = d.token
+            tok: OffsetToken = d.token
             if not tok.tracker.revoked:
                 tok.tracker.ack(tok.offset)
         self._dirty_seq += 1
@@ -444,7 +462,7 @@ class GroupMember:
         """Produce ``messages`` and commit the offsets that acking ``deliveries`` gives, in one
         Kafka transaction (:mod:`~herald.transports.kafka.transactions`); then ack them."""
         batches = by_topic(messages)
-        tokens: list[_Token] = [d.token for d in deliveries]
+        tokens: list[OffsetToken] = [d.token for d in deliveries]
         if any(tok.tracker.revoked for tok in tokens):
             raise TransportError(
                 f"{self.transport.url}: group {self.group!r} on {self.topic!r}: a partition "
@@ -476,13 +494,3 @@ def _tp(r: ConsumerRecord[bytes, bytes]) -> TopicPartition:
 
 def _timestamp(x: tuple[TopicPartition, ConsumerRecord[bytes, bytes]]) -> int:
     return x[1].timestamp  # type: ignore[no-any-return]
-
-
-def _due_at(r: ConsumerRecord[bytes, bytes]) -> float:
-    for name, value in r.headers:
-        if name == DUE_AT_HEADER:
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                return 0.0
-    return 0.0

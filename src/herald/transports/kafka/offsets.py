@@ -32,7 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["MAX_METADATA", "PartitionTracker", "decode_metadata", "encode_metadata"]
+__all__ = [
+    "MAX_METADATA",
+    "OffsetToken",
+    "PartitionTracker",
+    "decode_metadata",
+    "encode_metadata",
+]
 
 #: Longest metadata string written; Apache Kafka's default offset.metadata.max.bytes is 4096.
 MAX_METADATA = 3000
@@ -213,3 +219,14 @@ class PartitionTracker:
     def pending(self) -> int:
         """Offsets acked but not committable yet (waiting for an earlier one)."""
         return len(self._acked)
+
+
+class OffsetToken:
+    """A delivery's handle (its ``Delivery.token``): the tracker of its partition and its
+    offset there."""
+
+    __slots__ = ("offset", "tracker")
+
+    def __init__(self, tracker: PartitionTracker, offset: int) -> None:
+        self.tracker = tracker
+        self.offset = offset

@@ -85,4 +85,4 @@ class KafkaSubscription(Subscription):
             return
         self._closed = True
         held, self._inflight = list(self._inflight), set()
-        await self._m.transport.release(self, held)
+        await self._m.transport.release(self._m, self, held)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import anyio
 from aiokafka import AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
@@ -31,18 +31,46 @@ from aiokafka.structs import OffsetAndMetadata  # type: ignore[import-untyped]
 from herald.message import Message
 from herald.transports.base import TransportError
 
-if TYPE_CHECKING:
-    from herald.transports.kafka.transport import KafkaTransport
-
-__all__ = ["KafkaTransactions"]
+__all__ = ["KafkaTransactions", "Owner"]
 
 log = logging.getLogger("herald.transports.kafka")
+
+
+class Owner(Protocol):
+    """What the transactional producer uses of its transport. The transport module imports
+    this one, so this one names these members instead of importing the transport class."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The parsed URL options (``client_id`` names the transactional producers)."""
+        ...
+
+    async def start_producer(
+        self, *, idempotent: bool, transactional_id: str | None = None
+    ) -> AIOKafkaProducer: ...
+
+    async def ensure_topics(self, *topics: str) -> None: ...
+
+    def check_sizes(self, messages: Sequence[Message]) -> None: ...
+
+    async def send_batches(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        messages: Sequence[Message],
+        extra: Sequence[tuple[str, bytes]],
+    ) -> list[Any]:
+        """Queue ``messages`` on ``producer``; return the batches' delivery futures."""
+        ...
 
 
 class KafkaTransactions:
     """The transport's transactional producer and the one-transaction-at-a-time discipline."""
 
-    def __init__(self, transport: KafkaTransport) -> None:
+    def __init__(self, transport: Owner) -> None:
         self._t = transport
         self._producer: AIOKafkaProducer | None = None
         self._lock = anyio.Lock()

@@ -80,11 +80,11 @@ from herald.transports.base import (
     TransportError,
     validate_name,
 )
-from herald.transports.kafka.member import GroupMember, retry_topic
+from herald.transports.kafka.member import GroupMember
 from herald.transports.kafka.options import parse_url, redact_url
 from herald.transports.kafka.subscription import KafkaSubscription
 from herald.transports.kafka.transactions import KafkaTransactions
-from herald.transports.kafka.wire import encode_headers, record_size
+from herald.transports.kafka.wire import encode_headers, record_size, retry_topic
 
 __all__ = ["KafkaTransport"]
 
@@ -436,15 +436,14 @@ class KafkaTransport(Transport):
             member.subs.add(sub)
         return sub
 
-    async def release(self, sub: KafkaSubscription, held: Sequence[Any]) -> None:
-        """A local subscription closed holding ``held``: hand those to the other local
-        subscriptions, or leave the group if it was the last."""
-        key = (sub.topic, sub.group)
+    async def release(self, member: GroupMember, sub: Subscription, held: Sequence[Any]) -> None:
+        """A local subscription of ``member`` closed holding ``held``: hand those to the other
+        local subscriptions, or leave the group if it was the last."""
+        key = (member.topic, member.group)
         lock = self._member_locks.setdefault(key, anyio.Lock())
         with anyio.CancelScope(shield=True):
             async with lock:
-                member = self._members.get(key)
-                if member is None or sub._m is not member:
+                if self._members.get(key) is not member:
                     return
                 member.subs.discard(sub)
                 if member.subs:

@@ -31,8 +31,10 @@ __all__ = [
     "RESERVED_PREFIX",
     "TYPE_HEADER",
     "decode_record",
+    "due_at_ms",
     "encode_headers",
     "record_size",
+    "retry_topic",
 ]
 
 RESERVED_PREFIX = "herald."
@@ -42,6 +44,23 @@ ATTEMPT_HEADER = "herald.attempt"
 DUE_AT_HEADER = "herald.due_at"
 
 Headers = list[tuple[str, bytes]]
+
+
+def retry_topic(topic: str, group: str) -> str:
+    """The retry topic of ``group`` on ``topic``: where its ``nack(delay)`` copies go."""
+    return f"{topic}.{group}.retry"
+
+
+def due_at_ms(headers: Sequence[tuple[str, bytes]]) -> float:
+    """When a retry copy with these record headers is due (``herald.due_at``, Unix epoch
+    milliseconds); 0.0 (due now) when the header is absent or not a number."""
+    for name, value in headers:
+        if name == DUE_AT_HEADER:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0
 
 
 def encode_headers(message: Message, extra: Sequence[tuple[str, bytes]] = ()) -> Headers:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import aiomqtt
 import anyio
@@ -23,13 +23,11 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from herald.transports.base import Delivery, Subscription, TransportError
 from herald.transports.mqtt.connection import Connection, ConnectionLost, reconnect
+from herald.transports.mqtt.options import MqttOptions
 from herald.transports.mqtt.slots import Slot
 from herald.transports.mqtt.wire import Incoming, decode_message, encode_properties, now_ms
 
-if TYPE_CHECKING:
-    from herald.transports.mqtt.transport import MqttTransport
-
-__all__ = ["MqttSubscription"]
+__all__ = ["MqttSubscription", "Owner"]
 
 log = logging.getLogger("herald.transports.mqtt")
 
@@ -40,11 +38,37 @@ _DRAIN_MAX = 3.0
 _tiebreak = itertools.count()
 
 
+class Owner(Protocol):
+    """What a subscription uses of the transport that made it. The transport module imports
+    this one, so this one names these members instead of importing the transport class."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def options(self) -> MqttOptions: ...
+
+    @property
+    def _subs(self) -> set[MqttSubscription]:
+        """The transport's open subscriptions; a closing one removes itself."""
+        ...
+
+    def mqtt_topic(self, topic: str) -> str: ...
+
+    def retry_topic(self, topic: str, group: str) -> str: ...
+
+    def _registry_topic(self, topic: str, group: str, identifier: str) -> str: ...
+
+    def _new_conn(self, identifier: str | None = None, **kw: Any) -> Connection:
+        """A new (not yet connected) connection to the broker with these options."""
+        ...
+
+
 class MqttSubscription(Subscription):
     """One consumer of a group: a persistent MQTT session in a shared subscription."""
 
     def __init__(
-        self, transport: MqttTransport, topic: str, group: str, identifier: str, slot: Slot
+        self, transport: Owner, topic: str, group: str, identifier: str, slot: Slot
     ) -> None:
         self.topic = topic
         self.group = group

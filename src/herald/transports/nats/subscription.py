@@ -11,7 +11,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 import nats.errors
@@ -21,12 +21,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSub
 
 from herald.transports.base import Delivery, Subscription, TransportError
-from herald.transports.nats.wire import decode_message, delivery_info
+from herald.transports.nats.wire import NatsOptions, decode_message, delivery_info
 
-if TYPE_CHECKING:
-    from herald.transports.nats.transport import NatsTransport
-
-__all__ = ["TRANSIENT", "NatsSubscription", "quiet"]
+__all__ = ["TRANSIENT", "NatsSubscription", "Owner", "quiet"]
 
 log = logging.getLogger("herald.transports.nats")
 
@@ -51,12 +48,32 @@ def _seconds_ns(seconds: float) -> int:
     return max(1, int(seconds * 1_000_000_000))
 
 
+class Owner(Protocol):
+    """What a subscription uses of the transport that made it. The transport module imports
+    this one, so this one names these members instead of importing the transport class."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def _opts(self) -> NatsOptions: ...
+
+    @property
+    def _subs(self) -> set[NatsSubscription]:
+        """The transport's open subscriptions; a closing one removes itself."""
+        ...
+
+    async def _confirm(self, subjects: Sequence[str], body: bytes, what: str) -> None:
+        """Send ``body`` to each ack subject and wait until the server processed them all."""
+        ...
+
+
 class NatsSubscription(Subscription):
     """One member of a group: a durable pull consumer read through this subscription's inbox."""
 
     def __init__(
         self,
-        transport: NatsTransport,
+        transport: Owner,
         nc: Client,
         topic: str,
         group: str,

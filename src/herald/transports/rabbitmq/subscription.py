@@ -31,7 +31,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import aiormq
 import anyio
@@ -39,15 +39,12 @@ import anyio.lowlevel
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from herald.message import new_id
+from herald.message import Message, new_id
 from herald.transports.base import Delivery, Subscription, TransportError
 from herald.transports.rabbitmq.connection import GONE, Link
 from herald.transports.rabbitmq.wire import decode
 
-if TYPE_CHECKING:
-    from herald.transports.rabbitmq.transport import RabbitMQTransport
-
-__all__ = ["IDLE_PAUSE", "RabbitMQSubscription"]
+__all__ = ["IDLE_PAUSE", "Owner", "RabbitMQSubscription"]
 
 log = logging.getLogger("herald.transports.rabbitmq")
 
@@ -57,10 +54,26 @@ IDLE_PAUSE = 0.05
 _MAX_PREFETCH = 65535  # basic.qos prefetch_count is a 16-bit field
 
 
+class Owner(Protocol):
+    """What a subscription uses of the transport that made it. The transport module imports
+    this one, so this one names these members instead of importing the transport class."""
+
+    @property
+    def _subs(self) -> set[RabbitMQSubscription]:
+        """The transport's open subscriptions; a closing one removes itself."""
+        ...
+
+    def _link_or_fail(self) -> Link: ...
+
+    async def _republish(
+        self, topic: str, group: str, items: Sequence[tuple[Message, int]], delay: float
+    ) -> None: ...
+
+
 class RabbitMQSubscription(Subscription):
     """One consumer of a group's queue, on its own channel."""
 
-    def __init__(self, owner: RabbitMQTransport, topic: str, group: str, queue: str) -> None:
+    def __init__(self, owner: Owner, topic: str, group: str, queue: str) -> None:
         self.topic = topic
         self.group = group
         self.queue = queue

@@ -10,9 +10,9 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import msgspec
@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from herald.transports.base import Delivery, Subscription, TransportError
 from herald.transports.redis import lua
-from herald.transports.redis.options import consumer_name
+from herald.transports.redis.options import RedisOptions, consumer_name
 from herald.transports.redis.wire import (
     ATTEMPT_FIELD,
     delayed_key,
@@ -36,10 +36,7 @@ from herald.transports.redis.wire import (
     retry_key,
 )
 
-if TYPE_CHECKING:
-    from herald.transports.redis.transport import RedisTransport
-
-__all__ = ["PARKING", "RedisSubscription"]
+__all__ = ["PARKING", "Owner", "RedisSubscription"]
 
 log = logging.getLogger("herald.transports.redis")
 
@@ -71,10 +68,57 @@ async def _exists(key: str, client: Any) -> bool:
     return bool(await client.exists(key))
 
 
+T = TypeVar("T")
+
+
+class Owner(Protocol):
+    """What a subscription uses of the transport that made it. The transport module imports
+    this one, so this one names these members instead of importing the transport class."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def _options(self) -> RedisOptions: ...
+
+    @property
+    def _client(self) -> aioredis.Redis | None:
+        """None once the transport is closed."""
+        ...
+
+    @property
+    def _subscriptions(self) -> set[RedisSubscription]:
+        """The transport's open subscriptions; a closing one removes itself."""
+        ...
+
+    @property
+    def _kicks(self) -> dict[tuple[str, str], int]:
+        """(topic, group) -> counter bumped by :meth:`_kick`."""
+        ...
+
+    def _clean(self, e: BaseException) -> str:
+        """The error's text without the password."""
+        ...
+
+    async def _call(self, what: str, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run ``op`` on the client, retrying while Redis is unreachable (bounded)."""
+        ...
+
+    async def _script(
+        self, client: aioredis.Redis, body: str, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        """Run one of :mod:`.lua`'s scripts by hash, loading it once."""
+        ...
+
+    def _kick(self, topic: str, group: str) -> None:
+        """Make local members of the group look (claim) again at once."""
+        ...
+
+
 class RedisSubscription(Subscription):
     """One consumer of ``group`` on ``topic``."""
 
-    def __init__(self, transport: RedisTransport, topic: str, group: str) -> None:
+    def __init__(self, transport: Owner, topic: str, group: str) -> None:
         self.topic = topic
         self.group = group
         self.consumer = consumer_name()

@@ -9,20 +9,18 @@ import math
 import secrets
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import msgspec
 
 from herald.message import Message
 from herald.transports.base import Delivery, Subscription, TransportError, by_topic
+from herald.transports.sqlite.options import SqliteOptions
 
-if TYPE_CHECKING:
-    from herald.transports.sqlite.transport import SqliteTransport
-
-__all__ = ["SqliteSubscription"]
+__all__ = ["Owner", "SqliteSubscription"]
 
 _COLUMNS = "seq, id, key, type, headers, payload"
 _COLUMNS_M = "m.seq, m.id, m.key, m.type, m.headers, m.payload"
@@ -62,10 +60,65 @@ def _ack_runs(acked: list[int], held: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+T = TypeVar("T")
+
+
+class Owner(Protocol):
+    """What a subscription uses of the transport that made it: its connection, worker-thread
+    limiter and wake-up events. The transport module imports this one, so this one names
+    these members instead of importing the transport class."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def _options(self) -> SqliteOptions: ...
+
+    @property
+    def _conn(self) -> sqlite3.Connection | None:
+        """None while not connected."""
+        ...
+
+    @property
+    def _limiter(self) -> anyio.CapacityLimiter:
+        """The one worker thread every use of the connection runs in."""
+        ...
+
+    @property
+    def _subscriptions(self) -> set[SqliteSubscription]:
+        """The transport's open subscriptions; a closing one removes itself."""
+        ...
+
+    @property
+    def _cleanup_due(self) -> dict[str, tuple[float, int]]:
+        """topic -> (time of the last cleanup, messages leased since)."""
+        ...
+
+    def _check_connected(self) -> None: ...
+
+    async def _transact(self, action: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one write transaction in the worker thread."""
+        ...
+
+    def _event(self, topic: str) -> anyio.Event:
+        """Set (once) when this process next makes something fetchable on ``topic``."""
+        ...
+
+    def _notify(self, topic: str) -> None: ...
+
+    def _probe(self, topic: str, group: str) -> bool:
+        """In the worker thread: may ``group`` have something to fetch now?"""
+        ...
+
+    def _insert(self, conn: sqlite3.Connection, topic: str, messages: Sequence[Message]) -> None:
+        """Append ``messages`` to ``topic`` inside the caller's transaction."""
+        ...
+
+
 class SqliteSubscription(Subscription):
     """One consumer of ``group`` on ``topic``; competes with the group's other consumers."""
 
-    def __init__(self, transport: SqliteTransport, topic: str, group: str) -> None:
+    def __init__(self, transport: Owner, topic: str, group: str) -> None:
         self.topic = topic
         self.group = group
         self._t = transport

@@ -269,3 +269,28 @@ def test_checker_finds_no_cycle_through_a_parent_package(tmp_path: Path) -> None
 def test_checker_reports_a_self_import(tmp_path: Path) -> None:
     src = _tree(tmp_path, {"a.py": "import herald.a\n"})
     assert find_cycles(import_graph(src)) == [["herald.a", "herald.a"]]
+
+
+def test_public_names_resolve() -> None:
+    import herald
+
+    assert set(herald.__all__) >= {
+        "App",
+        "Context",
+        "DecodeError",
+        "Delivery",
+        "Features",
+        "Message",
+        "Permanent",
+        "Retry",
+        "Subscription",
+        "Transport",
+        "TransportError",
+        "dead_letter_topic",
+        "event_type",
+    }
+    for name in herald.__all__:
+        assert getattr(herald, name) is not None, name
+    from herald.dlq import REPLAY_GROUP, TOOL_GROUP  # moved, still importable from the tool
+
+    assert (REPLAY_GROUP, TOOL_GROUP) == ("replay_group", "herald.dlq")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import itertools
+import pkgutil
 import time
 from typing import Any
 
@@ -10,6 +13,7 @@ import anyio
 import pydantic
 import pytest
 
+import herald.middleware as middleware_package
 from herald import App, Context, Retry, dead_letter_topic
 from herald.middleware import CircuitBreaker, MaxInFlight, Middleware, RateLimit, Timeout
 from herald.middleware.base import CallNext
@@ -292,3 +296,20 @@ async def test_retry_inside_timeout_inside_circuit_breaker(broker_url: str) -> N
         took = time.monotonic() - started
     assert calls == 7
     assert took >= 0.25  # the breaker opened after the 2nd failed delivery and held the 3rd
+
+
+def test_every_middleware_is_exported_from_the_package() -> None:
+    defined = {
+        cls.__name__: cls
+        for info in pkgutil.iter_modules(middleware_package.__path__)
+        for _, cls in inspect.getmembers(
+            importlib.import_module(f"herald.middleware.{info.name}"), inspect.isclass
+        )
+        if issubclass(cls, Middleware) and cls.__module__ == f"herald.middleware.{info.name}"
+    }
+    assert {"CircuitBreaker", "Dedupe", "MaxInFlight", "RateLimit", "Retry", "Timeout"} <= set(
+        defined
+    )
+    for name, cls in {**defined, "CallNext": CallNext}.items():
+        assert name in middleware_package.__all__, name
+        assert getattr(middleware_package, name) is cls, name

@@ -294,3 +294,18 @@ def test_public_names_resolve() -> None:
     from herald.dlq import REPLAY_GROUP, TOOL_GROUP  # moved, still importable from the tool
 
     assert (REPLAY_GROUP, TOOL_GROUP) == ("replay_group", "herald.dlq")
+
+
+def test_checker_reports_a_layer_violation(tmp_path: Path) -> None:
+    src = _tree(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "consumer.py": "",
+            "transports/__init__.py": "",
+            "transports/x/__init__.py": "",
+            "transports/x/transport.py": "def f():\n    import herald.consumer\n",
+        },
+    )
+    bad = _violations(import_graph(src), ["herald.transports"], ABOVE_TRANSPORTS)
+    assert bad == ["herald.transports.x.transport (line 2) imports herald.consumer"]

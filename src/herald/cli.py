@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
@@ -17,8 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from herald.app import App
 from herald.dlq import DeadLetters
+from herald.loading import load_app
 from herald.message import (
     CONTENT_TYPE,
     CORRELATION_ID,
@@ -47,20 +44,6 @@ T = TypeVar("T")
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
-
-
-def load_app(target: str) -> App:
-    """Import ``module:attribute`` (the working directory is importable) and return the App."""
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"expected MODULE:APP (e.g. shop.service:app), got {target!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    module = importlib.import_module(module_name)
-    app = getattr(module, attr, None)
-    if not isinstance(app, App):
-        raise ValueError(f"{target!r} is {type(app).__name__}, not a herald.App")
-    return app
 
 
 @cli.command()

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from herald.eventsourcing.projection import Projection, projections_of
+from herald.loading import load_app
 from herald.transports import TransportError
 
 __all__ = ["projections_cli"]
@@ -38,8 +39,6 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _projections(target: str) -> dict[str, Projection]:
-    from herald.cli import load_app  # the CLI's own app loader (imported lazily: no cycle)
-
     try:
         app = load_app(target)
     except (ImportError, ValueError) as e:

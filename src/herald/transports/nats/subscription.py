@@ -21,7 +21,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSub
 
 from herald.transports.base import Delivery, Subscription, TransportError
-from herald.transports.nats.wire import NatsOptions, decode_message, delivery_info
+from herald.transports.nats.options import NatsOptions
+from herald.transports.nats.wire import decode_message, delivery_info
 
 __all__ = ["TRANSIENT", "NatsSubscription", "Owner", "quiet"]
 

@@ -41,7 +41,7 @@ from herald.middleware.dedupe import Dedupe
 from herald.middleware.retry import DEFAULT_RETRY, Retry
 from herald.subscriber import Filter, GroupSpec, make_handler, mark_publisher
 from herald.transports import Transport, open_transport, validate_name
-from herald.transports.base import Start
+from herald.transports.base import Start, check_topology
 
 __all__ = ["App"]
 
@@ -142,6 +142,8 @@ class App:
         middleware: Sequence[Middleware] = (),
         dedupe: bool | InboxStore | Dedupe = False,
         transactional: bool = False,
+        bind: str | Sequence[str] = (),
+        source: str | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function as a handler of ``topic`` in ``group``.
 
@@ -163,6 +165,18 @@ class App:
             until it succeeds, then published together with the ack, atomically — all of it
             or none. Needs a transport with ``features.transactions`` (memory, SQLite, Kafka
             with a broker that has transactions); the app refuses to start otherwise.
+        :param bind: a routing pattern, or several, in the engine's syntax, selecting what
+            plain clients publish by address: RabbitMQ routing keys (``"order.high.*"``), a
+            NATS subject (``"sensors.*.temp"``), MQTT topic filters (``"home/+/temp"``).
+            What Herald publishes to ``topic`` still reaches the group.
+        :param source: an existing engine object to consume as it is, competing with its
+            other consumers (RabbitMQ: a queue name, e.g. one a plain producer fills through
+            the default exchange). ``topic`` stays the group's name for dead letters and
+            replays.
+
+        ``bind`` and ``source`` are the contract of
+        :meth:`~herald.transports.base.Transport.subscribe`; a transport whose engine cannot
+        honour one raises ``ValueError`` naming it when the app starts.
         """
         validate_name("topic", topic)
         group = validate_name("group", group or self.name)
@@ -172,6 +186,7 @@ class App:
             raise ValueError(f"start must be 'earliest' or 'latest', got {start!r}")
         if prefetch is not None and prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        patterns, source = check_topology((bind,) if isinstance(bind, str) else bind, source)
         own_middleware = _check_middleware(middleware)
         if dedupe is not False:
             own_middleware.insert(0, self._dedupe(dedupe))
@@ -192,6 +207,8 @@ class App:
                     start,
                     prefetch or DEFAULT_PREFETCH,
                     transactional,
+                    patterns,
+                    source,
                 )
             elif (concurrency, ordered, start) != (1, False, "earliest") and (
                 spec.concurrency,
@@ -201,6 +218,14 @@ class App:
                 raise ValueError(
                     f"group {group!r} on {topic!r} is already registered with other settings; "
                     "give concurrency/ordered/start on one subscriber of the group only"
+                )
+            elif (patterns, source) != ((), None) and (spec.bind, spec.source) != (
+                patterns,
+                source,
+            ):
+                raise ValueError(
+                    f"group {group!r} on {topic!r} is already registered with other bind/source; "
+                    "give them on one subscriber of the group only"
                 )
             if transactional and not spec.transactional:
                 raise ValueError(

@@ -131,7 +131,9 @@ class GroupConsumer:
                 f"group {spec.group!r} on {spec.topic!r} is transactional, but {transport.url} "
                 "has no transactions (features.transactions is False)"
             )
-        self._sub = await transport.subscribe(spec.topic, spec.group, start=spec.start)
+        self._sub = await transport.subscribe(
+            spec.topic, spec.group, start=spec.start, bind=spec.bind, source=spec.source
+        )
         if spec.transactional:
             try:
                 await self._sub.commit([], [])  # a broker without transactions says so now

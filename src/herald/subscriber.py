@@ -56,6 +56,9 @@ class GroupSpec:
     prefetch: int
     #: the handlers' ``ctx.publish`` calls and the ack commit as one transaction
     transactional: bool = False
+    #: engine routing patterns and an existing engine object (``Transport.subscribe``)
+    bind: tuple[str, ...] = ()
+    source: str | None = None
     handlers: list[Handler] = field(default_factory=list)
 
     def add(self, handler: Handler) -> None:

@@ -10,7 +10,9 @@ Contract, in short:
   persistent transport: fsync'd commit, publisher confirm, acks=all, PubAck).
 * :meth:`Transport.subscribe` joins ``group`` on ``topic``. A *group* is a set of competing
   consumers: each message of the topic goes to one member of each group, and every group gets
-  every message (fan-out). A group that did not exist before starts at ``start``.
+  every message (fan-out). A group that did not exist before starts at ``start``. ``bind`` and
+  ``source`` consume an engine's existing topology (what plain clients produce) the way it is
+  laid out; see :meth:`Transport.subscribe`.
 * :meth:`Subscription.fetch` hands out :class:`Delivery` objects. Each must end in
   :meth:`Subscription.ack` (done, never delivered to this group again) or
   :meth:`Subscription.nack` (deliver again, after ``delay`` seconds, with ``attempt + 1``).
@@ -40,6 +42,8 @@ __all__ = [
     "Transport",
     "TransportError",
     "by_topic",
+    "check_topology",
+    "unsupported",
     "validate_name",
 ]
 
@@ -180,8 +184,40 @@ class Transport(ABC):
         """
 
     @abstractmethod
-    async def subscribe(self, topic: str, group: str, *, start: Start = "earliest") -> Subscription:
-        """Join ``group`` on ``topic`` and return the subscription."""
+    async def subscribe(
+        self,
+        topic: str,
+        group: str,
+        *,
+        start: Start = "earliest",
+        bind: Sequence[str] = (),
+        source: str | None = None,
+    ) -> Subscription:
+        """Join ``group`` on ``topic`` and return the subscription.
+
+        ``bind`` and ``source`` let a group consume what plain clients of the engine already
+        produce, where they produce it. Both are in the engine's own terms (each transport's
+        module docstring gives the details):
+
+        * ``bind``: routing patterns, in the engine's own syntax, over the address the engine
+          routes a message by — RabbitMQ: the routing key (``order.high.*``, ``order.#``; the
+          patterns replace the default ``#``, and Herald's routing key is the message key);
+          NATS: a subject (``sensors.*.temp``, ``sensors.>``); MQTT: a topic filter
+          (``home/+/temp``, ``home/#``). The group receives the messages whose address matches
+          a pattern; what Herald publishes to ``topic`` itself keeps reaching the group, so a
+          replayed dead letter comes back to it.
+        * ``source``: the name of an existing engine object the group consumes in place of
+          the one Herald would make for it (RabbitMQ: a queue), as it is, competing with
+          whatever else consumes it. Retries and dead letters work as for any group.
+
+        A plain client's message carries no Herald headers: it gets a stable id where the
+        engine gives one (else a fresh one), no type (any handler of the group accepts it) and
+        as key its routing address where the engine has one.
+
+        A transport whose engine cannot honour ``bind`` or ``source`` raises ``ValueError``
+        naming the option and the engine (see :func:`unsupported`), never ignores it. So does
+        a malformed pattern.
+        """
 
     async def delete_topic(self, topic: str) -> None:
         """Delete ``topic`` with its messages, groups and any helper objects (delay queues,
@@ -211,6 +247,34 @@ def validate_name(kind: str, name: str) -> str:
             "(not starting with '.' or '-')"
         )
     return name
+
+
+def unsupported(engine: str, option: str, why: str) -> ValueError:
+    """The error for a :meth:`Transport.subscribe` option ``engine`` cannot honour: it names
+    the option, the engine and the reason (raise it; never ignore the option)."""
+    return ValueError(f"{option}= is not supported by the {engine} transport: {why}")
+
+
+def check_topology(
+    bind: Sequence[str], source: str | None, *, max_patterns: int = 255
+) -> tuple[tuple[str, ...], str | None]:
+    """Check the shape of ``subscribe``'s ``bind`` and ``source`` (engine-independent):
+    ``bind`` a sequence of non-empty strings without duplicates (a lone ``str`` is refused:
+    it would read as its characters), ``source`` ``None`` or a non-empty string. Returns
+    them as a tuple and the source. Each transport checks the engine's syntax itself."""
+    if isinstance(bind, str | bytes) or not isinstance(bind, Sequence):
+        raise ValueError(f"bind must be a sequence of patterns, got {bind!r}")
+    patterns = tuple(bind)
+    for p in patterns:
+        if not isinstance(p, str) or not p or p != p.strip() or "\x00" in p:
+            raise ValueError(f"bind patterns must be non-empty strings, got {p!r}")
+    if len(set(patterns)) != len(patterns):
+        raise ValueError(f"bind has a pattern twice: {list(patterns)!r}")
+    if len(patterns) > max_patterns:
+        raise ValueError(f"bind takes at most {max_patterns} patterns, got {len(patterns)}")
+    if source is not None and (not isinstance(source, str) or not source or "\x00" in source):
+        raise ValueError(f"source must be a non-empty name, got {source!r}")
+    return patterns, source
 
 
 def by_topic(messages: Sequence[Message]) -> dict[str, list[Message]]:

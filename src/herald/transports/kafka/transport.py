@@ -78,6 +78,8 @@ from herald.transports.base import (
     Subscription,
     Transport,
     TransportError,
+    check_topology,
+    unsupported,
     validate_name,
 )
 from herald.transports.kafka.member import GroupMember
@@ -417,9 +419,32 @@ class KafkaTransport(Transport):
 
     # -- subscribing --------------------------------------------------------------------------
 
-    async def subscribe(self, topic: str, group: str, *, start: Start = "earliest") -> Subscription:
+    async def subscribe(
+        self,
+        topic: str,
+        group: str,
+        *,
+        start: Start = "earliest",
+        bind: Sequence[str] = (),
+        source: str | None = None,
+    ) -> Subscription:
+        """Join ``group`` on ``topic`` (see the module docstring). ``bind`` and ``source``
+        raise ``ValueError``: Kafka routes by partition, not by pattern, and the Herald topic
+        is the Kafka topic of that name (Kafka names use the same characters), so a plain
+        producer's records are consumed as they are."""
         validate_name("topic", topic)
         validate_name("group", group)
+        bind, source = check_topology(bind, source)
+        if bind:
+            raise unsupported(
+                "kafka", "bind", "Kafka routes records by partition, not by pattern; use filter="
+            )
+        if source is not None:
+            raise unsupported(
+                "kafka",
+                "source",
+                "the Herald topic is the Kafka topic of the same name, so name that topic",
+            )
         if start not in ("earliest", "latest"):
             raise ValueError(f"start must be 'earliest' or 'latest', not {start!r}")
         self._require()

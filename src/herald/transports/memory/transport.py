@@ -33,6 +33,8 @@ from herald.transports.base import (
     Transport,
     TransportError,
     by_topic,
+    check_topology,
+    unsupported,
     validate_name,
 )
 
@@ -263,10 +265,27 @@ class MemoryTransport(Transport):
             log.append(m if m.topic == topic else m.replace(topic=topic))
         t.notify()
 
-    async def subscribe(self, topic: str, group: str, *, start: Start = "earliest") -> Subscription:
+    async def subscribe(
+        self,
+        topic: str,
+        group: str,
+        *,
+        start: Start = "earliest",
+        bind: Sequence[str] = (),
+        source: str | None = None,
+    ) -> Subscription:
+        """Join ``group`` on ``topic``. ``bind`` and ``source`` raise ``ValueError``: the bus
+        has no routing addresses and no objects besides its topics."""
         bus = self._require_bus()
         validate_name("topic", topic)
         validate_name("group", group)
+        bind, source = check_topology(bind, source)
+        if bind:
+            raise unsupported(
+                "memory", "bind", "the in-process bus has no routing keys; use filter="
+            )
+        if source is not None:
+            raise unsupported("memory", "source", "the in-process bus has nothing but its topics")
         t = bus.topic(topic)
         g = t.groups.get(group)
         if g is None:

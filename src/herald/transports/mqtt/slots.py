@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+from collections.abc import Sequence
 
 __all__ = ["Slot", "acquire_slot", "client_id"]
 
@@ -17,13 +18,18 @@ __all__ = ["Slot", "acquire_slot", "client_id"]
 _JOURNAL_REWRITE = 1 << 20
 
 
-def client_id(prefix: str, topic: str, group: str, member: str, slot: int) -> str:
+def client_id(
+    prefix: str, topic: str, group: str, member: str, slot: int, *, bind: Sequence[str] = ()
+) -> str:
     """The stable MQTT client id of member ``member``'s ``slot``-th consumer of a group.
 
     Stable so that a restarted consumer resumes the persistent session (and with it the
-    messages queued or left unacked there); hashed so any topic/group length fits.
+    messages queued or left unacked there); hashed so any topic/group length fits. The
+    group's ``bind`` filters are part of it: a session keeps its subscriptions, so other
+    filters need another session.
     """
-    digest = hashlib.sha256(f"{prefix}\0{topic}\0{group}".encode()).hexdigest()[:16]
+    key = "\0".join([prefix, topic, group, *(["bind", *bind] if bind else [])])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return f"herald-{digest}-{member}-{slot}"
 
 

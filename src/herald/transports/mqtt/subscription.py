@@ -68,17 +68,28 @@ class MqttSubscription(Subscription):
     """One consumer of a group: a persistent MQTT session in a shared subscription."""
 
     def __init__(
-        self, transport: Owner, topic: str, group: str, identifier: str, slot: Slot
+        self,
+        transport: Owner,
+        topic: str,
+        group: str,
+        identifier: str,
+        slot: Slot,
+        filters: Sequence[str],
+        *,
+        retained: bool,
     ) -> None:
         self.topic = topic
         self.group = group
         self._t = transport
         self._id = identifier
         self._slot = slot
-        self._filters = [
-            f"$share/{group}/{transport.mqtt_topic(topic)}",
-            f"$share/{group}/{transport.retry_topic(topic, group)}",
-        ]
+        retry = transport.retry_topic(topic, group)
+        self._filters = [f"$share/{group}/{f}" for f in (*filters, retry)]
+        # the MQTT topics whose messages carry no key of their own to take from the topic
+        self._unkeyed = {transport.mqtt_topic(topic), retry}
+        # MQTT 5 Retain Handling: 1 = retained messages only when the subscription is new
+        # (a resumed session already had them), 2 = never
+        self._retain_handling = 1 if retained else 2
         self._conn: Connection | None = None
         self._gen = 0  # connection generation: a packet id means nothing on another one
         self._ready: deque[tuple[int, paho.MQTTMessage]] = deque()
@@ -116,7 +127,8 @@ class MqttSubscription(Subscription):
             raise TransportError(f"cannot subscribe on MQTT broker {self._t.url}: {e}") from None
 
     async def _subscribe(self, conn: Connection) -> None:
-        await conn._client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._filters])
+        options = SubscribeOptions(qos=1, retainHandling=self._retain_handling)
+        await conn._client.subscribe([(f, options) for f in self._filters])
 
     async def _ensure_connected(self) -> Connection:
         conn = self._conn
@@ -175,7 +187,7 @@ class MqttSubscription(Subscription):
             g, m = ready.popleft()
             if g != gen:
                 continue
-            inc = decode_message(self.topic, bytes(m.payload), m.properties)
+            inc = self._decode(m)
             if inc.not_before > now:
                 heapq.heappush(delayed, (inc.not_before, next(_tiebreak), g, m, inc))
                 continue
@@ -183,6 +195,11 @@ class MqttSubscription(Subscription):
         if out:
             self._slot.record([(d.message.id, d.attempt) for d in out])
         return out
+
+    def _decode(self, m: paho.MQTTMessage) -> Incoming:
+        # a plain message from a bind filter has its MQTT topic as key
+        subject = m.topic if m.topic not in self._unkeyed else None
+        return decode_message(self.topic, bytes(m.payload), m.properties, subject=subject)
 
     def _delivery(self, m: paho.MQTTMessage, inc: Incoming) -> Delivery:
         attempt = inc.attempt
@@ -278,7 +295,7 @@ class MqttSubscription(Subscription):
         ]
         for g, m in self._ready:
             if g == self._gen:
-                inc = decode_message(self.topic, bytes(m.payload), m.properties)
+                inc = self._decode(m)
                 d = self._delivery(m, inc)
                 nb = int(inc.not_before * 1000) if inc.not_before else None
                 held.append((d, d.attempt, nb))

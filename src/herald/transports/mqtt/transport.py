@@ -99,9 +99,12 @@ from herald.transports.base import (
     Subscription,
     Transport,
     TransportError,
+    check_topology,
+    unsupported,
     validate_name,
 )
 from herald.transports.mqtt.connection import Connection, ConnectionLost, Item, reconnect
+from herald.transports.mqtt.filters import group_filters
 from herald.transports.mqtt.options import MqttOptions, parse_url
 from herald.transports.mqtt.slots import acquire_slot, client_id
 from herald.transports.mqtt.subscription import MqttSubscription
@@ -232,16 +235,46 @@ class MqttTransport(Transport):
                         f"{self._o.reconnect_timeout:g}s"
                     ) from None
 
-    async def subscribe(self, topic: str, group: str, *, start: Start = "earliest") -> Subscription:
+    async def subscribe(
+        self,
+        topic: str,
+        group: str,
+        *,
+        start: Start = "earliest",
+        bind: Sequence[str] = (),
+        source: str | None = None,
+    ) -> Subscription:
         """Join ``group``: resume (or create) this host's lowest free persistent session of the
-        group. ``start`` is accepted for the contract but MQTT cannot replay (``replay=False``)."""
+        group. MQTT cannot replay (``replay=False``); ``start="earliest"`` takes the retained
+        messages of the group's filters once, when the group's first session is made.
+
+        ``bind`` takes MQTT topic filters (``home/+/temp``, ``home/#``), used as plain clients
+        publish them (no ``prefix``): the group holds one shared subscription per filter, and
+        one on the topic itself unless a filter matches it. Filters that overlap are a
+        ``ValueError`` (the broker would deliver a message once per matching subscription).
+        Changing a group's filters makes new sessions (the old ones expire after
+        ``session_expiry``). ``source`` raises ``ValueError``: MQTT has nothing but topics."""
         validate_name("topic", topic)
         validate_name("group", group)
+        given, source = check_topology(bind, source)
+        if source is not None:
+            raise unsupported(
+                "mqtt",
+                "source",
+                "MQTT has no objects besides topics: name the topic, or bind= the filters "
+                "plain clients publish to",
+            )
+        filters = group_filters(self.mqtt_topic(topic), given)
         if self._closed:
             raise TransportError(f"MQTT transport {self.url} is closed")
-        base = client_id(self._o.prefix, topic, group, self._o.member, 0)[:-2]
+        base = client_id(self._o.prefix, topic, group, self._o.member, 0, bind=given)[:-2]
         slot = acquire_slot(base)
-        sub = MqttSubscription(self, topic, group, f"{base}-{slot.index}", slot)
+        # Retained messages: once per group, to its first (anchor) session, and never to a
+        # group joining at "latest" (Mosquitto sends them to shared subscriptions too)
+        retained = slot.index == 0 and start == "earliest"
+        sub = MqttSubscription(
+            self, topic, group, f"{base}-{slot.index}", slot, filters, retained=retained
+        )
         try:
             await sub._start()
         except BaseException:

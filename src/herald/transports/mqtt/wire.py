@@ -87,11 +87,16 @@ class Incoming:
     not_before: float  # Unix seconds; 0 when due at once
 
 
-def decode_message(topic: str, payload: bytes, props: Properties | None) -> Incoming:
+def decode_message(
+    topic: str, payload: bytes, props: Properties | None, *, subject: str | None = None
+) -> Incoming:
     """Turn a received PUBLISH into a :class:`Message`. A plain client's message (no
-    ``x-herald-id``) gets a fresh id here; ``content_type`` comes from the MQTT 5 Content Type."""
+    ``x-herald-id``) gets a fresh id here; ``content_type`` comes from the MQTT 5 Content Type;
+    without ``x-herald-key`` the key is ``subject`` (the MQTT topic of a message that came
+    through a ``bind`` filter, else None)."""
     id_: str | None = None
-    key = type_ = None
+    key: str | None = subject
+    type_: str | None = None
     attempt = 1
     not_before = 0.0
     headers: dict[str, str] = {}

@@ -22,6 +22,7 @@ from nats.aio.subscription import Subscription as NatsSub
 
 from herald.transports.base import Delivery, Subscription, TransportError
 from herald.transports.nats.options import NatsOptions
+from herald.transports.nats.topology import Home
 from herald.transports.nats.wire import decode_message, delivery_info
 
 __all__ = ["TRANSIENT", "NatsSubscription", "Owner", "quiet"]
@@ -78,14 +79,18 @@ class NatsSubscription(Subscription):
         nc: Client,
         topic: str,
         group: str,
-        stream: str,
+        home: Home,
         consumer: str,
     ) -> None:
         self.topic = topic
         self.group = group
         self._t = transport
         self._nc = nc
-        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{home.stream}.{consumer}"
+        # plain messages: ids name the stream when it is not the topic's own; the key is the
+        # subject when it is not the topic's own
+        self._id_stream = None if home.own else home.stream
+        self._subject = home.subject
         self._inbox = nc.new_inbox()
         self._sub: NatsSub | None = None
         #: delivered by the server, not handed out yet
@@ -207,7 +212,11 @@ class NatsSubscription(Subscription):
             msg = buffer.popleft()
             reply = msg.reply
             attempt, seq = delivery_info(reply)
-            d = Delivery(decode_message(topic, msg.data, msg.headers, seq), attempt, reply)
+            subject = msg.subject if msg.subject != self._subject else None
+            message = decode_message(
+                topic, msg.data, msg.headers, seq, stream=self._id_stream, subject=subject
+            )
+            d = Delivery(message, attempt, reply)
             held[reply] = d
             out.append(d)
         return out

@@ -118,15 +118,6 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSub
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
 from nats.js.manager import JetStreamManager
 
 from herald.message import Message
@@ -136,6 +127,8 @@ from herald.transports.base import (
     Subscription,
     Transport,
     TransportError,
+    check_topology,
+    unsupported,
     validate_name,
 )
 from herald.transports.nats.options import NatsOptions, parse_url
@@ -148,7 +141,8 @@ from herald.transports.nats.subscription import (
 from herald.transports.nats.subscription import (
     quiet as _quiet,
 )
-from herald.transports.nats.wire import consumer_name, encode_headers, stream_name, subject_for
+from herald.transports.nats.topology import Topology
+from herald.transports.nats.wire import check_pattern, encode_headers, stream_name
 
 __all__ = ["NatsSubscription", "NatsTransport", "PayloadTooLarge"]
 
@@ -186,8 +180,8 @@ class NatsTransport(Transport):
         self.features = self._features()
         self._nc: Client | None = None
         self._jsm: JetStreamManager | None = None
-        #: topic -> (stream, subject) of streams known to exist
-        self._streams: dict[str, tuple[str, str]] = {}
+        #: streams and consumers of topics and groups (on connect)
+        self._topo: Topology | None = None
         self._subs: set[NatsSubscription] = set()
         self._ack_prefix = ""
         self._ack_sub: NatsSub | None = None
@@ -286,6 +280,7 @@ class NatsTransport(Transport):
         nc.options["max_reconnect_attempts"] = -1  # never give up on a lost connection
         self._nc = nc
         self._jsm = nc.jsm(timeout=o.timeout)
+        self._topo = Topology(self._jsm, self._api, self._js_request, o, self._safe_url)
         self._server_max = int(nc.max_payload or _DEFAULT_MAX_PAYLOAD)
         self.features = self._features()
         try:
@@ -356,6 +351,7 @@ class NatsTransport(Transport):
             await sub.close()
         nc, self._nc = self._nc, None
         self._jsm = None
+        self._topo = None
         for fut in self._ack_waiters.values():
             if not fut.done():
                 fut.cancel()
@@ -411,88 +407,15 @@ class NatsTransport(Transport):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _stream(self, topic: str) -> tuple[str, str]:
-        """Return ``(stream, subject)`` of ``topic``, creating the stream if needed."""
-        known = self._streams.get(topic)
-        if known is not None:
-            return known
-        validate_name("topic", topic)
+    def _topology(self) -> Topology:
         self._require()
-        jsm = self._jsm
-        assert jsm is not None
-        name, subject = stream_name(topic), subject_for(topic)
-        try:
-            await self._api(f"look up stream {name!r}", lambda: jsm.stream_info(name))
-        except nats.js.errors.NotFoundError:
-            o = self._opts
-            config = StreamConfig(
-                name=name,
-                subjects=[subject],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE if o.storage == "file" else StorageType.MEMORY,
-                discard=DiscardPolicy.OLD,
-                max_age=o.max_age,
-                max_bytes=o.max_bytes,
-                max_msgs=o.max_msgs,
-                duplicate_window=o.duplicate_window,
-                num_replicas=o.replicas,
-            )
-            try:
-                await self._api(f"create stream {name!r}", lambda: jsm.add_stream(config))
-            except nats.js.errors.APIError as e:
-                if e.err_code == _SUBJECTS_OVERLAP:
-                    raise TransportError(
-                        f"NATS {self._safe_url}: subject {subject!r} of topic {topic!r} is "
-                        f"already captured by another stream; Herald needs stream {name!r} "
-                        f"for it ({e.description})"
-                    ) from None
-                # created meanwhile by another process with other limits: use it as it is
-                await self._api(f"look up stream {name!r}", lambda: jsm.stream_info(name))
-        except nats.js.errors.APIError as e:
-            raise TransportError(f"NATS {self._safe_url}: stream {name!r}: {e}") from None
-        self._streams[topic] = (name, subject)
-        return name, subject
+        topo = self._topo
+        assert topo is not None
+        return topo
 
-    async def _consumer(self, stream: str, group: str, start: Start) -> str:
-        """Ensure the durable consumer of ``group`` exists; return its name."""
-        jsm = self._jsm
-        assert jsm is not None
-        o = self._opts
-        name = consumer_name(group)
-        try:
-            info = await self._api(
-                f"look up group {group!r}", lambda: jsm.consumer_info(stream, name)
-            )
-        except nats.js.errors.NotFoundError:
-            info = None
-        if info is not None:
-            cfg = info.config
-            if cfg.ack_wait != o.ack_wait or cfg.max_ack_pending != o.max_ack_pending:
-                cfg.ack_wait, cfg.max_ack_pending = o.ack_wait, o.max_ack_pending
-                try:
-                    await self._api(
-                        f"update group {group!r}", lambda: jsm.add_consumer(stream, cfg)
-                    )
-                except nats.js.errors.APIError as e:
-                    log.warning("NATS: could not update ack_wait of group %r: %s", group, e)
-            return name
-        config = ConsumerConfig(
-            durable_name=name,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL if start == "earliest" else DeliverPolicy.NEW,
-            ack_wait=o.ack_wait,
-            max_deliver=-1,
-            max_ack_pending=o.max_ack_pending,
-        )
-        try:
-            await self._api(f"create group {group!r}", lambda: jsm.add_consumer(stream, config))
-        except nats.js.errors.APIError as e:
-            # joined meanwhile by another member: its configuration wins
-            if e.err_code not in (_CONSUMER_EXISTS, _CONSUMER_NAME_EXISTS):
-                raise TransportError(
-                    f"NATS {self._safe_url}: cannot create group {group!r}: {e}"
-                ) from None
-        return name
+    async def _js_request(self, subject: str, body: bytes) -> bytes:
+        msg = await self._require().request(subject, body, timeout=self._opts.timeout)
+        return bytes(msg.data)
 
     # --- publish ---------------------------------------------------------------------------
 
@@ -518,7 +441,7 @@ class NatsTransport(Transport):
         """Send the batch at once and await every PubAck; resend what was not acknowledged
         (same ``Nats-Msg-Id``, so deduplicated) until ``retry_timeout``."""
         nc = self._require()
-        _, subject = await self._stream(topic)
+        subject = (await self._topology().home(topic)).subject
         if not messages:
             return
         limit = self._server_max
@@ -589,21 +512,54 @@ class NatsTransport(Transport):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
             if stream_gone and nc.is_connected:
-                self._streams.pop(topic, None)
-                _, subject = await self._stream(topic)
+                self._topology().forget(topic)
+                subject = (await self._topology().home(topic)).subject
             todo = sorted(again)
 
     # --- groups ----------------------------------------------------------------------------
 
-    async def subscribe(self, topic: str, group: str, *, start: Start = "earliest") -> Subscription:
+    async def subscribe(
+        self,
+        topic: str,
+        group: str,
+        *,
+        start: Start = "earliest",
+        bind: Sequence[str] = (),
+        source: str | None = None,
+    ) -> Subscription:
+        """Join ``group`` on ``topic`` (a durable pull consumer; see the module docstring).
+
+        ``bind`` takes one NATS subject pattern (``sensors.*``, ``orders.>``) that matches the
+        topic's own subject: the group's consumer filters on it, in the stream that captures
+        it — an existing stream, or Herald's stream of the topic made (or widened) to capture
+        it, so core-NATS publishes to matching subjects are kept from then on. ``source``
+        raises ``ValueError``: the stream is found by subject."""
         nc = self._require()
         validate_name("topic", topic)
         validate_name("group", group)
         if start not in ("earliest", "latest"):
             raise ValueError(f"start must be 'earliest' or 'latest', not {start!r}")
-        stream, _ = await self._stream(topic)
-        consumer = await self._consumer(stream, group, start)
-        sub = NatsSubscription(self, nc, topic, group, stream, consumer)
+        given, source = check_topology(bind, source)
+        if source is not None:
+            raise unsupported(
+                "nats",
+                "source",
+                "the stream is found by subject: Herald uses the existing stream that captures "
+                "the topic's subject (or the bind pattern), so name the topic after a subject "
+                "of that stream",
+            )
+        if len(given) > 1:
+            raise unsupported(
+                "nats",
+                "bind",
+                f"a NATS 2.9 consumer filters on one subject, got {len(given)} patterns; give "
+                "one (e.g. 'orders.>')",
+            )
+        pattern = check_pattern(given[0]) if given else None
+        topo = self._topology()
+        home = await topo.bound_home(topic, pattern) if pattern else await topo.home(topic)
+        consumer = await topo.consumer(home, topic, group, start, pattern)
+        sub = NatsSubscription(self, nc, topic, group, home, consumer)
         await sub._open()
         self._subs.add(sub)
         return sub
@@ -647,10 +603,7 @@ class NatsTransport(Transport):
         for name in names:
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await self._api(f"delete stream {name!r}", partial(jsm.delete_stream, name))
-        gone = set(names)
-        for t, (s, _) in list(self._streams.items()):
-            if s in gone:
-                del self._streams[t]
+        self._topology().forget(topic, streams=set(names))
 
     async def _stream_names(self, nc: Client) -> list[str]:
         names: list[str] = []

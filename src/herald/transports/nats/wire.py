@@ -18,11 +18,13 @@ __all__ = [
     "KEY",
     "MSG_ID",
     "TYPE",
+    "check_pattern",
     "consumer_name",
     "decode_message",
     "delivery_info",
     "encode_headers",
     "stream_name",
+    "subject_covers",
     "subject_for",
 ]
 
@@ -69,6 +71,39 @@ def subject_for(topic: str) -> str:
     if topic.endswith(".") or ".." in topic:
         return stream_name(topic)
     return topic
+
+
+def check_pattern(pattern: str) -> str:
+    """Check a NATS subject pattern (``bind=``): ``.``-separated non-empty tokens without
+    whitespace; ``*`` only as a whole token, ``>`` only as the whole last one."""
+    tokens = pattern.split(".")
+    for i, tok in enumerate(tokens):
+        bad = (
+            not tok
+            or any(c.isspace() for c in tok)
+            or ("*" in tok and tok != "*")
+            or (">" in tok and (tok != ">" or i != len(tokens) - 1))
+        )
+        if bad:
+            raise ValueError(
+                f"bind pattern {pattern!r} is not a NATS subject: use '.'-separated tokens, "
+                "'*' for one whole token, '>' as the last token for the rest"
+            )
+    return pattern
+
+
+def subject_covers(pattern: str, other: str) -> bool:
+    """Whether every subject that ``other`` (a subject or pattern) matches is matched by
+    ``pattern`` too; with a plain subject as ``other``: whether ``pattern`` matches it."""
+    a, b = pattern.split("."), other.split(".")
+    for i, tok in enumerate(a):
+        if tok == ">":
+            return len(b) > i
+        if i >= len(b) or b[i] == ">":
+            return False
+        if tok != "*" and tok != b[i]:
+            return False
+    return len(a) == len(b)
 
 
 # --- messages ------------------------------------------------------------------------------
@@ -130,15 +165,24 @@ def delivery_info(reply: str) -> tuple[int, int]:
 
 
 def decode_message(
-    topic: str, data: bytes, headers: dict[str, str] | None, stream_seq: int
+    topic: str,
+    data: bytes,
+    headers: dict[str, str] | None,
+    stream_seq: int,
+    *,
+    stream: str | None = None,
+    subject: str | None = None,
 ) -> Message:
     """Rebuild the envelope of a delivered message; ``headers`` is consumed.
 
-    A message without ``Nats-Msg-Id`` (a plain client's) gets the id ``nats:<topic>:<seq>``,
-    stable across redeliveries.
+    A message without ``Nats-Msg-Id`` (a plain client's) gets the id ``nats:<topic>:<seq>``
+    (``nats:<stream>:<seq>`` when read from a ``stream`` that is not the topic's own), stable
+    across redeliveries. One without ``Herald-Key`` gets ``subject`` as its key: the caller
+    passes the subject it arrived on when that is not the topic's own (a ``bind`` pattern's).
     """
+    fallback = f"nats:{stream or topic}:{stream_seq}"
     if not headers:
-        return Message(id=f"nats:{topic}:{stream_seq}", topic=topic, payload=data)
+        return Message(id=fallback, topic=topic, payload=data, key=subject)
     packed = headers.pop(HEADERS, None)
     if packed is not None:
         try:
@@ -150,10 +194,10 @@ def decode_message(
             # Written by hand: deliver it anyway rather than wedge the group on it.
             headers[HEADERS] = packed
     return Message(
-        id=headers.pop(MSG_ID, "") or f"nats:{topic}:{stream_seq}",
+        id=headers.pop(MSG_ID, "") or fallback,
         topic=topic,
         payload=data,
-        key=headers.pop(KEY, None),
+        key=headers.pop(KEY, subject),
         type=headers.pop(TYPE, None),
         headers=headers,
     )

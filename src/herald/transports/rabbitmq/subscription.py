@@ -66,17 +66,20 @@ class Owner(Protocol):
     def _link_or_fail(self) -> Link: ...
 
     async def _republish(
-        self, topic: str, group: str, items: Sequence[tuple[Message, int]], delay: float
+        self, sub: RabbitMQSubscription, items: Sequence[tuple[Message, int]], delay: float
     ) -> None: ...
 
 
 class RabbitMQSubscription(Subscription):
     """One consumer of a group's queue, on its own channel."""
 
-    def __init__(self, owner: Owner, topic: str, group: str, queue: str) -> None:
+    def __init__(self, owner: Owner, topic: str, group: str, queue: str, delay_base: str) -> None:
         self.topic = topic
         self.group = group
+        #: the queue consumed: the group's own, or a ``source=`` queue
         self.queue = queue
+        #: what its delay queues are named after (``delay_queue``)
+        self.delay_base = delay_base
         self._owner = owner
         self._link: Link = owner._link_or_fail()
         self._ch: aiormq.Channel | None = None
@@ -326,9 +329,7 @@ class RabbitMQSubscription(Subscription):
             # a copy with the next attempt in its header (to the delay queue, or straight to
             # the group's queue), confirmed before the original is acked: a classic queue
             # cannot count redeliveries itself
-            await self._owner._republish(
-                self.topic, self.group, [(delivery.message, delivery.attempt + 1)], delay
-            )
+            await self._owner._republish(self, [(delivery.message, delivery.attempt + 1)], delay)
             await self._pause()
             if self._ch is not ch or tag not in self._outstanding:
                 return  # the channel went meanwhile: the broker took the original back
@@ -361,7 +362,7 @@ class RabbitMQSubscription(Subscription):
                 back = [(d.message, d.attempt + 1) for d in self._handed.values()]
                 back += [(d.message, d.attempt) for d in self._decoded(buffered)]
                 if back:
-                    await self._owner._republish(self.topic, self.group, back, 0.0)
+                    await self._owner._republish(self, back, 0.0)
                     # up to the newest tag we hold: we have seen every tag below it
                     await ch.basic_ack(max(self._outstanding), multiple=True)
             except (*GONE, TransportError) as e:

@@ -108,6 +108,7 @@ Modules: this one holds the transport (topology, publish, subscribe, delete);
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -124,6 +125,7 @@ from herald.transports.base import (
     Subscription,
     Transport,
     TransportError,
+    check_topology,
     validate_name,
 )
 from herald.transports.rabbitmq.connection import GONE, Link
@@ -131,6 +133,8 @@ from herald.transports.rabbitmq.options import Options, parse_url
 from herald.transports.rabbitmq.subscription import RabbitMQSubscription
 from herald.transports.rabbitmq.wire import (
     MAX_PAYLOAD,
+    check_pattern,
+    check_source_queue,
     delay_bucket,
     delay_queue,
     encode,
@@ -149,6 +153,10 @@ _PUBLISH_PATIENCE = 60.0  # seconds a publish waits for a lost connection to com
 #: to list them without the management plugin). Process-wide: any transport may delete.
 _created_groups: dict[str, set[str]] = {}
 _created_delays: dict[str, set[str]] = {}
+
+
+class _Inequivalent(TransportError):
+    """The broker refused a declaration: an object of that name exists with other settings."""
 
 
 class RabbitMQTransport(Transport):
@@ -217,36 +225,51 @@ class RabbitMQTransport(Transport):
             try:
                 await work(ch)
             except aiormq.exceptions.ChannelPreconditionFailed as e:
-                raise TransportError(
+                raise _Inequivalent(
                     f"RabbitMQ at {self.url} refused a declaration (an object of that name "
                     f"exists with other settings): {e}"
                 ) from None
 
     async def _ensure_topic(self, topic: str) -> None:
+        """Declare the topic exchange (and its parked queue). An exchange of that name that
+        exists with other settings — declared by a plain client, e.g. ``declare_exchange(
+        "orders", "topic", durable=True)`` — is used as it is: its owner's settings win, and
+        the parked queue, which that exchange would never use, is removed again."""
         if topic in self._exchanges:
             return
         parked = parked_name(topic)
+        exchange = exchange_name(topic)
 
         async def work(ch: aiormq.abc.AbstractChannel) -> None:
             await ch.exchange_declare(parked, exchange_type="fanout", durable=True)
             await ch.queue_declare(parked, durable=True)
             await ch.queue_bind(parked, parked, routing_key="")
             await ch.exchange_declare(
-                exchange_name(topic),
+                exchange,
                 exchange_type="topic",
                 durable=True,
                 arguments={"alternate-exchange": parked},
             )
 
-        await self._declare(work)
+        async def foreign(ch: aiormq.abc.AbstractChannel) -> None:
+            await ch.exchange_declare(exchange, passive=True)
+            with contextlib.suppress(aiormq.exceptions.ChannelPreconditionFailed):
+                await ch.queue_delete(parked, if_empty=True)  # not empty: keep what it holds
+                await ch.exchange_delete(parked)
+
+        try:
+            await self._declare(work)
+        except _Inequivalent:
+            await self._declare(foreign)
+            log.info("exchange %r exists with other settings: using it as it is", exchange)
         self._exchanges.add(topic)
         _created_groups.setdefault(topic, set())
 
-    async def _ensure_delay_queue(self, topic: str, group: str, bucket: int) -> str:
-        name = delay_queue(topic, group, bucket)
+    async def _ensure_delay_queue(self, topic: str, target: str, base: str, bucket: int) -> str:
+        """The delay queue of ``bucket`` that dead-letters into the queue ``target``."""
+        name = delay_queue(base, bucket)
         if name in self._queues:
             return name
-        target = group_queue(topic, group)
 
         async def work(ch: aiormq.abc.AbstractChannel) -> None:
             await ch.queue_declare(
@@ -322,15 +345,17 @@ class RabbitMQTransport(Transport):
                 await asyncio.sleep(0.1)
 
     async def _republish(
-        self, topic: str, group: str, items: Sequence[tuple[Message, int]], delay: float
+        self, sub: RabbitMQSubscription, items: Sequence[tuple[Message, int]], delay: float
     ) -> None:
-        """Put copies of ``items`` (message, attempt of its next delivery) on ``group``'s
-        queue, after ``delay`` seconds through a delay queue; return once confirmed."""
+        """Put copies of ``items`` (message, attempt of its next delivery) on the queue
+        ``sub`` consumes, after ``delay`` seconds through a delay queue; return once
+        confirmed."""
         if delay > 0:
-            queue = await self._ensure_delay_queue(topic, group, delay_bucket(delay))
+            bucket = delay_bucket(delay)
+            queue = await self._ensure_delay_queue(sub.topic, sub.queue, sub.delay_base, bucket)
             expiration: str | None = str(max(1, round(delay * 1000)))
         else:
-            queue = group_queue(topic, group)
+            queue = sub.queue
             expiration = None
         frames = []
         for message, attempt in items:
@@ -341,19 +366,62 @@ class RabbitMQTransport(Transport):
 
     # -- subscribe ---------------------------------------------------------------------
 
-    async def subscribe(self, topic: str, group: str, *, start: Start = "earliest") -> Subscription:
+    async def subscribe(
+        self,
+        topic: str,
+        group: str,
+        *,
+        start: Start = "earliest",
+        bind: Sequence[str] = (),
+        source: str | None = None,
+    ) -> Subscription:
+        """Join ``group`` on ``topic``: its queue ``<topic>:<group>`` is declared and bound to
+        the topic exchange with the ``bind`` patterns (AMQP topic patterns over the routing
+        key, which is Herald's message key; default ``#``, everything). The URL's
+        ``bind=GROUP:PATTERN`` applies to a group whose subscriber gives none; both giving
+        different patterns is a ``ValueError``.
+
+        ``source`` names an existing queue to consume instead, as it is (a passive declare:
+        its type and arguments are its owner's; a missing one is a ``TransportError``), e.g.
+        one a plain producer fills through the default exchange. The queue is also bound to
+        the topic exchange with the patterns (``#`` by default), so what Herald publishes to
+        the topic — a replayed dead letter among it — reaches the group. Redeliveries go back
+        into that queue: ``nack()`` and ``close()`` copies straight, ``nack(delay)`` through
+        Herald's delay queues ``<source>:delay:<bucket ms>``; dead letters go to
+        ``<topic>.<group>.dlq`` like any group's."""
         self._check_topic(topic)
         validate_name("group", group)
         if start not in ("earliest", "latest"):
             raise ValueError(f"start must be 'earliest' or 'latest', not {start!r}")
+        given, source = check_topology(bind, source)
+        for p in given:
+            check_pattern(p)
+        if source is not None:
+            check_source_queue(source)
+        in_url = self._options.bindings.get(group)
+        if given and in_url is not None and set(given) != set(in_url):
+            raise ValueError(
+                f"group {group!r} on {topic!r}: bind={list(given)!r} differs from the broker "
+                f"URL's bind={group}:... patterns {in_url!r}; give them in one place"
+            )
+        patterns = list(given or in_url or ["#"])
         self._link_or_fail()
         await self._ensure_topic(topic)
-        queue = group_queue(topic, group)
-        patterns = self._options.bindings.get(group, ["#"])
+        queue = source if source is not None else group_queue(topic, group)
         exchange = exchange_name(topic)
 
         async def work(ch: aiormq.abc.AbstractChannel) -> None:
-            await ch.queue_declare(queue, durable=True, arguments={"x-queue-type": "classic"})
+            if source is None:
+                await ch.queue_declare(queue, durable=True, arguments={"x-queue-type": "classic"})
+            else:
+                try:
+                    await ch.queue_declare(queue, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    raise TransportError(
+                        f"queue {queue!r} does not exist on {self.url}: source= names an "
+                        "existing queue (declare it first, or leave source out and Herald "
+                        "makes one for the group)"
+                    ) from None
             for pattern in patterns:
                 await ch.queue_bind(queue, exchange, routing_key=pattern)
             if "#" not in patterns:  # a group re-bound to patterns stops getting everything
@@ -363,7 +431,8 @@ class RabbitMQTransport(Transport):
         _created_groups.setdefault(topic, set()).add(group)
         if start == "earliest":
             await self._unpark(topic)
-        sub = RabbitMQSubscription(self, topic, group, queue)
+        base = source if source is not None else f"{topic}:{group}"
+        sub = RabbitMQSubscription(self, topic, group, queue, base)
         self._subs.add(sub)
         return sub
 

@@ -21,6 +21,8 @@ __all__ = [
     "ATTEMPT_HEADER",
     "KEY_HEADER",
     "MAX_NAME",
+    "check_pattern",
+    "check_source_queue",
     "decode",
     "delay_bucket",
     "delay_queue",
@@ -94,9 +96,26 @@ def delay_bucket(delay: float) -> int:
     return max(16, 1 << (ms - 1).bit_length())
 
 
-def delay_queue(topic: str, group: str, bucket_ms: int) -> str:
-    """The TTL queue that holds ``group``'s delayed redeliveries of up to ``bucket_ms``."""
-    return fit(f"{topic}:{group}:delay:{bucket_ms}")
+def delay_queue(base: str, bucket_ms: int) -> str:
+    """The TTL queue holding delayed redeliveries of up to ``bucket_ms`` for one queue:
+    ``<base>:delay:<bucket>``, where ``base`` is ``<topic>:<group>`` for a group's own queue
+    (see :func:`group_queue`) and the queue's name for a ``source=`` queue."""
+    return fit(f"{base}:delay:{bucket_ms}")
+
+
+def check_source_queue(name: str) -> str:
+    """Check a ``source=`` queue name: at most :data:`MAX_OBJECT` bytes (the AMQP client's
+    limit)."""
+    if len(name.encode()) > MAX_OBJECT:
+        raise ValueError(f"source queue name longer than {MAX_OBJECT} bytes: {name[:40]!r}...")
+    return name
+
+
+def check_pattern(pattern: str) -> str:
+    """Check an AMQP topic binding pattern (``bind=``): at most 255 bytes."""
+    if len(pattern.encode()) > MAX_NAME:
+        raise ValueError(f"bind pattern longer than {MAX_NAME} bytes: {pattern[:40]!r}...")
+    return pattern
 
 
 # --- wire format --------------------------------------------------------------------------

@@ -135,6 +135,8 @@ from herald.transports.base import (
     Start,
     Transport,
     TransportError,
+    check_topology,
+    unsupported,
     validate_name,
 )
 from herald.transports.redis import lua
@@ -392,10 +394,35 @@ class RedisTransport(Transport):
     # --- subscribe -------------------------------------------------------------------------
 
     async def subscribe(
-        self, topic: str, group: str, *, start: Start = "earliest"
+        self,
+        topic: str,
+        group: str,
+        *,
+        start: Start = "earliest",
+        bind: Sequence[str] = (),
+        source: str | None = None,
     ) -> RedisSubscription:
+        """Join ``group`` on ``topic`` (see the module docstring). ``bind`` and ``source``
+        raise ``ValueError``: a stream has no routing keys, and the topic *is* the stream key,
+        so a plain ``XADD <topic> * ...`` is consumed as it is."""
         validate_name("topic", topic)
         validate_name("group", group)
+        bind, source = check_topology(bind, source)
+        if bind:
+            raise unsupported(
+                "redis",
+                "bind",
+                "a stream has no routing keys (every group gets every entry); use filter=",
+            )
+        if source is not None:
+            raise unsupported(
+                "redis",
+                "source",
+                "the topic is the stream key, so name the stream as the topic; a key that is "
+                "not a valid topic name (e.g. with ':') cannot be consumed, because what Herald "
+                "publishes to the topic (dead-letter replays) would go to another stream than "
+                "the group reads",
+            )
         if start not in ("earliest", "latest"):
             raise ValueError(f"start must be 'earliest' or 'latest', not {start!r}")
         self._require()

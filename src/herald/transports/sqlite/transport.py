@@ -81,6 +81,8 @@ from herald.transports.base import (
     Start,
     Transport,
     TransportError,
+    check_topology,
+    unsupported,
     validate_name,
 )
 from herald.transports.sqlite.options import SqliteOptions, parse_sqlite_url
@@ -368,12 +370,31 @@ class SqliteTransport(Transport):
             conn.execute(_insert_sql(len(chunk) // 7), chunk)
 
     async def subscribe(
-        self, topic: str, group: str, *, start: Start = "earliest"
+        self,
+        topic: str,
+        group: str,
+        *,
+        start: Start = "earliest",
+        bind: Sequence[str] = (),
+        source: str | None = None,
     ) -> SqliteSubscription:
         """Join ``group`` on ``topic``. A new group starts at the oldest retained message
-        (``"earliest"``) or after the newest one (``"latest"``); an existing one resumes."""
+        (``"earliest"``) or after the newest one (``"latest"``); an existing one resumes.
+
+        ``bind`` and ``source`` raise ``ValueError``: a row has no routing address, and a
+        plain ``INSERT INTO messages(topic, payload)`` naming the topic is consumed as it is."""
         validate_name("topic", topic)
         validate_name("group", group)
+        bind, source = check_topology(bind, source)
+        if bind:
+            raise unsupported("sqlite", "bind", "a row has no routing key; use filter=")
+        if source is not None:
+            raise unsupported(
+                "sqlite",
+                "source",
+                "the topic is the messages.topic column, so a plain INSERT naming the topic is "
+                "consumed as it is",
+            )
         if start not in ("earliest", "latest"):
             raise ValueError(f"start must be 'earliest' or 'latest', not {start!r}")
 

@@ -35,15 +35,29 @@ Wire format (MQTT 5 PUBLISH, QoS 1)
     header travels as the MQTT 5 Content Type property. Redeliveries also carry
     ``x-herald-attempt`` and, for ``nack(delay)``, ``x-herald-not-before`` (Unix ms).
     A plain client's publish (any payload, no properties, MQTT 3.1.1 or 5) is consumed as a message
-    with a fresh id, no key/type, and its Content Type as ``content_type``; a plain subscriber
-    of ``<prefix><topic>`` reads Herald messages as ordinary payloads with user properties.
+    with a fresh id, no type, no key (the MQTT topic when it came through a ``bind`` filter) and
+    its Content Type as ``content_type``; a plain subscriber of ``<prefix><topic>`` reads Herald
+    messages as ordinary payloads with user properties.
+
+Plain topics: ``bind`` and retained messages
+    ``subscribe(bind=["home/+/temp", "home/garage/#"])`` subscribes the group to MQTT topic
+    filters as plain clients publish them (no ``prefix``), one shared subscription per filter,
+    plus the topic itself unless a filter matches it (so Herald's publishes to the topic and
+    replayed dead letters still arrive). Filters must not overlap: the broker delivers a
+    message once per matching subscription. The filters are part of the client id: changing
+    them starts new sessions (the old ones expire after ``session_expiry``).
+    Retained messages: Mosquitto 2 sends them to shared subscriptions as well, on every
+    SUBSCRIBE. Herald subscribes with MQTT 5 Retain Handling so that a group gets the retained
+    messages of its filters once, on its first (slot 0) session with ``start="earliest"``;
+    slots >= 1, resumed sessions and ``start="latest"`` groups never get them.
 
 Groups
     A group is an MQTT 5 shared subscription ``$share/<group>/<topic>`` (plus the group's retry
-    topic). Each consumer holds a *persistent session* (clean start off, ``session_expiry``) with
-    the stable client id ``herald-<hash(prefix, topic, group)>-<member>-<slot>``; the slot is the
-    lowest one free on this host (an ``flock`` in ``$XDG_RUNTIME_DIR`` or the temp dir, which
-    the OS releases when the process dies). So a consumer that crashed is replaced by the next
+    topic and its ``bind`` filters). Each consumer holds a *persistent session* (clean start
+    off, ``session_expiry``) with the stable client id
+    ``herald-<hash(prefix, topic, group[, bind])>-<member>-<slot>``; the slot is the lowest
+    one free on this host (an ``flock`` in ``$XDG_RUNTIME_DIR`` or the temp dir, which the OS
+    releases when the process dies). So a consumer that crashed is replaced by the next
     consumer of the group on the same host, which resumes its session and gets what it left.
     Slot 0 (the *anchor*) keeps its subscription when closed, so a group whose consumers are
     all offline still collects what is published meanwhile. Slots >= 1 leave on ``close()``:
@@ -60,8 +74,8 @@ Acks and redelivery
 
 What MQTT (Mosquitto 2) cannot promise — read before choosing it
     * No replay (``Features.replay`` is False): a message published while a group has never
-      subscribed is dropped by the broker; ``start`` has no effect. Retained messages are not
-      sent to shared subscriptions either.
+      subscribed is dropped by the broker; ``start`` only decides whether the group's first
+      session takes the retained messages (see above).
     * Shared-subscription messages are assigned to a member when published (round robin), also
       to an offline member's session: they wait for *that* session. A member that crashed and is
       never restarted with the same ``member`` name and slot keeps its share until

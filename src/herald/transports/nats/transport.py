@@ -43,8 +43,20 @@ Mapping onto JetStream
       in a Herald name, so the mapping is one-to-one): ``orders.created`` ->
       ``orders~created``. Subject: the topic itself (``orders.created``), except for a topic
       with an empty token (``a..b``, ``a.``), which uses its stream name as subject.
-      File storage, limits retention, discard old, deduplication window 2 minutes.
-    * group -> durable pull consumer on that stream, named like streams (``.`` -> ``~``);
+      File storage, limits retention, discard old, deduplication window 2 minutes. When a
+      stream made by someone else already captures the subject (``orders.>`` for topic
+      ``orders.new``), that stream is the topic's, used as it is: Herald reads and publishes
+      through it (``topology``).
+    * bind -> ``subscribe(bind=["sensors.*"])``: one subject pattern (NATS 2.9 consumers filter
+      on one subject) that matches the topic's own subject, e.g. topic ``sensors.all``; the
+      group's consumer filters on it, in the stream that captures the whole pattern: an
+      existing one, or Herald's stream of the topic, created (or widened) to capture it, so
+      core-NATS publishes to matching subjects are kept from the subscribe on. Widening first
+      narrows the stream's other groups to the topic's subject. ``source`` is refused: the
+      stream is found by subject.
+    * group -> durable pull consumer on that stream, named like streams (``.`` -> ``~``) on
+      Herald's own stream, ``<topic>:<group>`` on any other, filtered on the topic's subject
+      (or the bind pattern) unless the stream captures only that subject;
       explicit ack, ``deliver_policy`` ``all`` (``start="earliest"``) or ``new``
       (``"latest"``), ``max_deliver`` unlimited (Herald's retry policy decides when to
       dead-letter), ``ack_wait`` from the URL.
@@ -77,11 +89,15 @@ Wire format (one NATS message per Herald message)
       leading/trailing spaces) travels instead inside ``Herald-Headers``: one JSON object
       (ASCII, escaped) of name -> value, merged over the plain headers on receipt.
     * receiving a message without ``Nats-Msg-Id`` (a plain client's), the id is
-      ``nats:<topic>:<stream sequence>``; without ``Herald-Key``/``Herald-Type``, key and type
-      are None; other headers become Herald headers as they are.
+      ``nats:<topic>:<stream sequence>`` (``nats:<stream>:<seq>`` on a stream that is not the
+      topic's own); without ``Herald-Type`` the type is None; without ``Herald-Key`` the key
+      is None, or the subject when it is not the topic's own (a bind pattern's); other headers
+      become Herald headers as they are.
 
     A plain nats-py client publishes with ``await js.publish("orders", b'{"id": 1}')`` once the
-    stream exists (Herald creates it on first publish or subscribe) and reads Herald messages
+    stream exists (Herald creates it on first publish or subscribe), or with core NATS
+    (``await nc.publish("orders", ...)``: kept once a stream captures the subject; core NATS
+    drops what no stream captures), and reads Herald messages
     with any JetStream consumer on stream ``orders``: ``msg.data`` is the payload, and
     ``msg.headers`` holds ``Nats-Msg-Id``, ``Herald-Type``, ``correlation_id``...
 

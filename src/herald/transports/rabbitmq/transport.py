@@ -3,11 +3,22 @@
 Mapping onto RabbitMQ
 ---------------------
 
-* **topic** = a durable *topic exchange* named exactly like the topic.
+* **topic** = a durable *topic exchange* named exactly like the topic. One that exists with
+  other settings (a plain client's ``declare_exchange("orders", "topic", durable=True)``,
+  without Herald's alternate exchange) is used as it is, without parking.
 * **group** = a durable *classic queue* ``<topic>:<group>`` bound to the exchange with ``#``
-  (every group gets every message). ``bind=GROUP:PATTERN`` in the URL (repeatable) binds that
-  group with AMQP topic patterns instead, e.g. ``?bind=eu-billing:order.eu.#`` — content-based
-  routing on the message key, which is the routing key.
+  (every group gets every message). ``subscribe(bind=[...])`` (``@app.subscriber(...,
+  bind="order.high.*")``) binds it with AMQP topic patterns instead — content-based routing on
+  the message key, which is the routing key; so does ``bind=GROUP:PATTERN`` in the URL
+  (repeatable, e.g. ``?bind=eu-billing:order.eu.#``) for a group whose subscriber gives none.
+* **source queue** = ``subscribe(source="q")``: the group consumes the existing queue ``q``
+  instead, as it is (passively declared: its type, classic or quorum, and arguments are its
+  owner's), competing with its other consumers — e.g. a queue a plain producer fills through
+  the default exchange (``routing_key="q"``). It is also bound to the topic exchange (``#``,
+  or the ``bind`` patterns), so what Herald publishes to the topic — a replayed dead letter —
+  reaches it. Redeliveries go back into ``q`` (where any consumer of it may take them): nack
+  and close copies straight, delayed ones through ``q:delay:<bucket ms>``; dead letters go to
+  ``<topic>.<group>.dlq`` like every group's. ``delete_topic`` never deletes ``q``.
 * **publish** = persistent messages (``delivery_mode=2``) with publisher confirms; a batch is
   written at once and the call returns when the broker confirmed all of it.
 * **fetch** = each subscription has one consumer on its own channel, with ``basic.qos``
@@ -15,12 +26,12 @@ Mapping onto RabbitMQ
 * **ack** = ``basic.ack`` (``multiple=True`` when the acked tags are a prefix of the channel's
   outstanding ones). **nack()** = a copy carrying ``attempt + 1`` in ``x-herald-attempt`` is
   published (confirmed) straight to the group's queue, then the original is acked.
-  **nack(delay)** = the copy goes to a per-group *delay queue*
-  ``<topic>:<group>:delay:<bucket ms>`` with a per-message TTL of exactly ``delay``, which
-  dead-letters it back to the group's queue. Buckets are powers of two (16 ms, 32 ms, ...), so
-  one long delay never holds up a short one for longer than its own bucket; a delay can be late
-  by at most its bucket's width, never early. No delayed-message plugin is needed, and the
-  delay survives restarts of either side.
+  **nack(delay)** = the copy goes to a per-queue *delay queue* ``<queue>:delay:<bucket ms>``
+  (``<topic>:<group>:delay:...`` for a group's own queue) with a per-message TTL of exactly
+  ``delay``, which dead-letters it back to the queue. Buckets are powers of two (16 ms, 32 ms,
+  ...), so one long delay never holds up a short one for longer than its own bucket; a delay
+  can be late by at most its bucket's width, never early. No delayed-message plugin is
+  needed, and the delay survives restarts of either side.
 * **attempt** = ``x-herald-attempt`` header (set when the transport republishes; absent means
   1), plus 1 if the broker flags the delivery ``redelivered`` (it came back after a crashed
   consumer or a lost connection). A classic queue's flag is only a boolean, which is why the
@@ -88,7 +99,9 @@ Headers starting ``x-herald-``, ``x-death``, ``x-first-death-*``, ``x-last-death
 ``x-delivery-count`` belong to the transport and the broker, not the envelope. A plain client
 publishes with ``exchange.publish(aio_pika.Message(body, message_id=..., type=...,
 headers={...}, delivery_mode=2), routing_key=KEY)`` and consumes a group by reading the queue
-``<topic>:<group>``.
+``<topic>:<group>``. A plain message without ``message_id`` gets a new id when first delivered,
+kept by its redelivery copies; one published through the default exchange straight into a
+``source`` queue has the queue's name as routing key, and so as key.
 
 Connection
 ----------

@@ -36,7 +36,16 @@ Query options
     ``reconnect_timeout`` (seconds, default 30)
         How long an operation keeps retrying while Redis cannot be reached (restart, failover)
         before it raises :class:`~herald.transports.base.TransportError`.
-    ``connect_timeout`` (seconds, default 5), ``socket_timeout`` (seconds, default 10)
+    ``connect_timeout`` (seconds, default 10)
+        The budget of :meth:`RedisTransport.connect`, the same on every transport
+        (:mod:`herald.transports.connecting`): an unreachable server is retried with backoff
+        within it, then one :class:`~herald.transports.base.TransportError` names the URL,
+        the budget and the cause. Refused credentials (WRONGPASS, NOAUTH), a user without
+        permission (NOPERM: Herald needs INFO at connect and the stream and scripting
+        commands after) and a TLS mismatch raise
+        :class:`~herald.transports.base.PermanentTransportError` at once, as does NOPERM on
+        any later command. Also the TCP connect timeout of later reconnects.
+    ``socket_timeout`` (seconds, default 10)
     ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (paths), ``ssl_cert_reqs`` (``required``
     default, ``optional``, ``none``), ``ssl_check_hostname`` (``true`` default / ``false``):
     TLS settings, ``rediss://`` only.
@@ -116,6 +125,7 @@ Guarantees and limits
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -124,19 +134,27 @@ import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from herald.message import Message
 from herald.transports import redact_url
 from herald.transports.base import (
     Features,
+    PermanentTransportError,
     Start,
     Transport,
     TransportError,
     validate_name,
 )
+from herald.transports.connecting import Endpoint, connect_within, describe
 from herald.transports.redis import lua
 from herald.transports.redis.options import RedisOptions, parse_url
 from herald.transports.redis.subscription import RedisSubscription
@@ -227,35 +245,89 @@ class RedisTransport(Transport):
         return client
 
     async def connect(self) -> None:
-        """Connect and check the server; :class:`TransportError` (password redacted) if Redis
-        cannot be reached, refuses the credentials or is older than 6.2."""
+        """Connect and check the server within ``connect_timeout`` (retrying while Redis
+        cannot be reached); :class:`TransportError` (password redacted) if it stays
+        unreachable, :class:`PermanentTransportError` at once if it refuses the credentials
+        (WRONGPASS, NOAUTH), the user may not run INFO (NOPERM), TLS does not match or the
+        server is older than 6.2."""
         if self._closed:
             raise TransportError(f"redis transport for {self._url} is closed")
         if self._client is not None:
             return
-        client = self._new_client()
+        o = self._options
         try:
-            with anyio.fail_after(self._options.connect_timeout + self._options.socket_timeout):
-                info = await client.info("server")
-                version = str(info.get("redis_version", "0"))
-                major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
-                if major_minor < (6, 2):
-                    raise TransportError(
-                        f"redis at {self._url} is version {version}; Herald needs 6.2 or later"
-                    )
-                await self._warn_if_volatile(client)
-        except TransportError:
-            await client.aclose()
-            raise
-        except (RedisError, OSError, TimeoutError) as e:
-            await client.aclose()
-            raise TransportError(
-                f"cannot connect to redis at {self._url}: {self._clean(e)}"
+            context = o.ssl_context()
+        except (OSError, ssl.SSLError) as e:
+            raise PermanentTransportError(
+                f"redis at {self._url}: cannot load the TLS files: {describe(e)}"
             ) from None
+        endpoint = Endpoint(
+            engine="Redis",
+            url=self._url,
+            hosts=[(o.host, o.port)],
+            tls=context,
+            other_mode="redis://" if o.tls else "rediss://",
+            ca_option="ssl_ca_certs",
+            scrub=self._clean_text,
+        )
+        client = await connect_within(
+            endpoint,
+            o.connect_timeout,
+            self._attempt,
+            transient=(RedisConnectionError, RedisTimeoutError),
+            quiet=["redis"],
+        )
         if self._client is not None or self._closed:  # a concurrent connect() won
             await client.aclose()
             return
         self._client = client
+
+    async def _attempt(self, _seconds: float) -> aioredis.Redis:
+        """One connection attempt (``connect_within`` bounds its time): INFO, version check,
+        persistence check. Refusals that retrying cannot fix are permanent."""
+        client = self._new_client()
+        try:
+            info = await client.info("server")
+            version = str(info.get("redis_version", "0"))
+            major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+            if major_minor < (6, 2):
+                raise PermanentTransportError(
+                    f"redis at {self._url} is version {version}; Herald needs 6.2 or later"
+                )
+            await self._warn_if_volatile(client)
+            return client
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+            refused = self._refused(e, "connect")
+            if refused is not None:
+                raise refused from None
+            raise
+
+    def _refused(self, e: BaseException, what: str) -> PermanentTransportError | None:
+        """The permanent error for a refusal retrying cannot fix (credentials, ACL), else
+        ``None``."""
+        if isinstance(e, AuthenticationError):  # WRONGPASS, NOAUTH, invalid password
+            code = getattr(e, "status_code", None) or "AUTH"
+            hint = (
+                "the server needs a password: add user:password@ to the URL"
+                if code == "NOAUTH"
+                else "wrong user name or password"
+            )
+            return PermanentTransportError(
+                f"redis at {self._url} refused the credentials ({hint}): {code} {self._clean(e)}"
+            )
+        if isinstance(e, NoPermissionError):
+            return PermanentTransportError(
+                f"redis at {self._url}: the user may not {what} (NOPERM {self._clean(e)}); "
+                "grant it the commands Herald uses (ACL SETUSER ... +@stream +@scripting +info, "
+                "or see the transport's module docstring)"
+            )
+        if what == "connect" and isinstance(e, ResponseError):  # INFO refused: final
+            return PermanentTransportError(
+                f"redis at {self._url} refused the connection check: {self._clean(e)}"
+            )
+        return None
 
     async def _warn_if_volatile(self, client: aioredis.Redis) -> None:
         try:
@@ -290,7 +362,9 @@ class RedisTransport(Transport):
                 await client.aclose()
 
     def _clean(self, e: BaseException) -> str:
-        text = str(e) or type(e).__name__
+        return self._clean_text(str(e) or type(e).__name__)
+
+    def _clean_text(self, text: str) -> str:
         password = self._options.password
         if password:
             text = text.replace(password, "***")
@@ -312,6 +386,10 @@ class RedisTransport(Transport):
             client = self._require()
             try:
                 return await op(client)
+            except (AuthenticationError, NoPermissionError) as e:
+                refused = self._refused(e, what)
+                assert refused is not None
+                raise refused from None
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
                 now = time.monotonic()
                 if failing_since is None:

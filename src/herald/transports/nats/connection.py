@@ -138,7 +138,8 @@ async def open_client(o: NatsOptions, url: str, events: Events) -> Client:
         nonlocal probed
         deadline = time.monotonic() + seconds
         if not probed:
-            probed = await _probe_tls(o, url, tls, min(seconds, _STEP_TIMEOUT))
+            # half the time at most: a handshake that gets no answer is reported as such
+            probed = await _probe_tls(o, url, tls, time.monotonic() + min(seconds / 2, 2.0))
         return await _attempt(o, url, tls, deadline, events)
 
     return await connect_within(
@@ -260,7 +261,7 @@ async def _check_jetstream(nc: Client, o: NatsOptions, url: str, deadline: float
         ) from None
 
 
-async def _probe_tls(o: NatsOptions, url: str, tls: ssl.SSLContext | None, timeout: float) -> bool:
+async def _probe_tls(o: NatsOptions, url: str, tls: ssl.SSLContext | None, deadline: float) -> bool:
     """Check TLS before nats-py sends credentials, on a short connection of our own; ``True``
     once the server's INFO was read (the check is done), ``False`` if it could not be reached.
 
@@ -270,12 +271,16 @@ async def _probe_tls(o: NatsOptions, url: str, tls: ssl.SSLContext | None, timeo
     with the system CAs), do the handshake: a certificate the client does not trust, or a
     client certificate the server refuses, is a clear error at once.
     """
+
+    def left() -> float:
+        return max(0.001, deadline - time.monotonic())
+
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(o.host, o.port), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(o.host, o.port), left())
     except (OSError, TimeoutError):
         return False  # unreachable: the attempt reports it
     try:
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        line = await asyncio.wait_for(reader.readline(), left())
         info = json.loads(line.partition(b" ")[2] or b"{}")
         if not isinstance(info, dict):
             return True
@@ -289,9 +294,11 @@ async def _probe_tls(o: NatsOptions, url: str, tls: ssl.SSLContext | None, timeo
             return True  # plain connection
         context = tls if tls is not None else ssl.create_default_context()
         try:
-            await asyncio.wait_for(writer.start_tls(context, server_hostname=o.host), timeout)
+            await asyncio.wait_for(writer.start_tls(context, server_hostname=o.host), left())
         except TimeoutError:
-            raise TimeoutError(f"TLS handshake got no answer within {timeout:g}s") from None
+            raise TimeoutError(
+                f"TLS handshake with {o.host}:{o.port} got no answer (is it a TLS port?)"
+            ) from None
         return True
     except ssl.SSLError as e:  # before OSError: SSLError is one
         hint = (

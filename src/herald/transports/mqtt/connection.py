@@ -128,9 +128,18 @@ class Connection:
         # writer on close so a reused fd number never meets a stale registration.
         self.paho.on_socket_register_write = self._register_write
         aiomqtt_close: Any = self.paho.on_socket_close
+        # aiomqtt ignores a connection closed before the CONNACK and waits out its timeout
+        # (a plain client on a TLS port): this tells the attempt at once
+        closed: asyncio.Future[None] = self._loop.create_future()
+        self._socket_closed = closed
+
+        def mark_closed() -> None:
+            if not closed.done():
+                closed.set_result(None)
 
         def on_socket_close(client: Any, userdata: Any, sock: Any) -> None:
             self._loop.call_soon_threadsafe(self._remove_writer, sock.fileno())
+            self._loop.call_soon_threadsafe(mark_closed)
             aiomqtt_close(client, userdata, sock)
 
         self.paho.on_socket_close = on_socket_close
@@ -187,8 +196,12 @@ class Connection:
                 self._make_client(max(0.05, seconds - 0.05))
             first = False
             self._client.timeout = self.paho.connect_timeout = max(0.05, seconds - 0.05)
+            enter = asyncio.ensure_future(self._client.__aenter__())
             try:
-                await self._client.__aenter__()
+                await asyncio.wait([enter, self._socket_closed], return_when="FIRST_COMPLETED")
+                if not enter.done():
+                    raise ConnectionError("the broker closed the connection before its CONNACK")
+                enter.result()
             except aiomqtt.MqttCodeError as e:
                 code = e.rc.value if isinstance(e.rc, ReasonCode) else e.rc
                 if isinstance(code, int) and code in _REFUSED:
@@ -196,6 +209,8 @@ class Connection:
                         f"MQTT broker {o.url} refused the connection: {e} ({_REFUSED[code]})"
                     ) from None
                 raise
+            finally:
+                enter.cancel()  # (a no-op once done) this client is not used again
             self._client.timeout = ANSWER_TIMEOUT
             self._open = True
 

@@ -198,7 +198,8 @@ class Connection:
             self._client.timeout = self.paho.connect_timeout = max(0.05, seconds - 0.05)
             enter = asyncio.ensure_future(self._client.__aenter__())
             try:
-                await asyncio.wait([enter, self._socket_closed], return_when="FIRST_COMPLETED")
+                waits: list[asyncio.Future[Any]] = [enter, self._socket_closed]
+                await asyncio.wait(waits, return_when="FIRST_COMPLETED")
                 if not enter.done():
                     raise ConnectionError("the broker closed the connection before its CONNACK")
                 enter.result()

@@ -125,15 +125,12 @@ Guarantees and limits
 from __future__ import annotations
 
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import anyio
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     NoPermissionError,
@@ -148,14 +145,13 @@ from herald.message import Message
 from herald.transports import redact_url
 from herald.transports.base import (
     Features,
-    PermanentTransportError,
     Start,
     Transport,
     TransportError,
     validate_name,
 )
-from herald.transports.connecting import Endpoint, connect_within, describe
 from herald.transports.redis import lua
+from herald.transports.redis.connection import open_client, refused
 from herald.transports.redis.options import RedisOptions, parse_url
 from herald.transports.redis.subscription import RedisSubscription
 from herald.transports.redis.wire import (
@@ -164,7 +160,6 @@ from herald.transports.redis.wire import (
     entry_fields,
     execute,
     groups_key,
-    raw_reply,
     retry_key,
 )
 
@@ -177,9 +172,6 @@ T = TypeVar("T")
 #: A publish is split into scripts of at most this many messages / bytes.
 _CHUNK_MESSAGES = 5000
 _CHUNK_BYTES = 4 * 1024 * 1024
-
-#: servers already warned about, in this process, for keeping nothing on disk
-_WARNED: set[tuple[str, int]] = set()
 
 
 class RedisTransport(Transport):
@@ -220,131 +212,18 @@ class RedisTransport(Transport):
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def _new_client(self) -> aioredis.Redis:
-        o = self._options
-        kwargs: dict[str, Any] = {}
-        if o.tls:
-            kwargs["ssl"] = True
-            kwargs.update(o.ssl)
-        client = aioredis.Redis(
-            host=o.host,
-            port=o.port,
-            db=o.db,
-            username=o.username,
-            password=o.password,
-            socket_connect_timeout=o.connect_timeout,
-            socket_timeout=o.socket_timeout,
-            retry=Retry(NoBackoff(), 0),  # retries are ours (_call), bounded by time
-            protocol=2,
-            decode_responses=False,
-            **kwargs,
-        )
-        # Raw replies: the hot path converts them itself.
-        callbacks: Any = client  # typeshed-less: redis-py's callback protocol is loose
-        callbacks.set_response_callback("XREADGROUP", raw_reply)
-        return client
-
     async def connect(self) -> None:
-        """Connect and check the server within ``connect_timeout`` (retrying while Redis
-        cannot be reached); :class:`TransportError` (password redacted) if it stays
-        unreachable, :class:`PermanentTransportError` at once if it refuses the credentials
-        (WRONGPASS, NOAUTH), the user may not run INFO (NOPERM), TLS does not match or the
-        server is older than 6.2."""
+        """Connect and check the server within ``connect_timeout``
+        (:mod:`herald.transports.redis.connection`)."""
         if self._closed:
             raise TransportError(f"redis transport for {self._url} is closed")
         if self._client is not None:
             return
-        o = self._options
-        try:
-            context = o.ssl_context()
-        except (OSError, ssl.SSLError) as e:
-            raise PermanentTransportError(
-                f"redis at {self._url}: cannot load the TLS files: {describe(e)}"
-            ) from None
-        endpoint = Endpoint(
-            engine="Redis",
-            url=self._url,
-            hosts=[(o.host, o.port)],
-            tls=context,
-            other_mode="redis://" if o.tls else "rediss://",
-            ca_option="ssl_ca_certs",
-            scrub=self._clean_text,
-        )
-        client = await connect_within(
-            endpoint,
-            o.connect_timeout,
-            self._attempt,
-            transient=(RedisConnectionError, RedisTimeoutError),
-            quiet=["redis"],
-        )
+        client = await open_client(self._options, self._url, self._clean_text)
         if self._client is not None or self._closed:  # a concurrent connect() won
             await client.aclose()
             return
         self._client = client
-
-    async def _attempt(self, _seconds: float) -> aioredis.Redis:
-        """One connection attempt (``connect_within`` bounds its time): INFO, version check,
-        persistence check. Refusals that retrying cannot fix are permanent."""
-        client = self._new_client()
-        try:
-            info = await client.info("server")
-            version = str(info.get("redis_version", "0"))
-            major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
-            if major_minor < (6, 2):
-                raise PermanentTransportError(
-                    f"redis at {self._url} is version {version}; Herald needs 6.2 or later"
-                )
-            await self._warn_if_volatile(client)
-            return client
-        except BaseException as e:
-            with anyio.CancelScope(shield=True):
-                await client.aclose()
-            refused = self._refused(e, "connect")
-            if refused is not None:
-                raise refused from None
-            raise
-
-    def _refused(self, e: BaseException, what: str) -> PermanentTransportError | None:
-        """The permanent error for a refusal retrying cannot fix (credentials, ACL), else
-        ``None``."""
-        if isinstance(e, AuthenticationError):  # WRONGPASS, NOAUTH, invalid password
-            code = getattr(e, "status_code", None) or "AUTH"
-            hint = (
-                "the server needs a password: add user:password@ to the URL"
-                if code == "NOAUTH"
-                else "wrong user name or password"
-            )
-            return PermanentTransportError(
-                f"redis at {self._url} refused the credentials ({hint}): {code} {self._clean(e)}"
-            )
-        if isinstance(e, NoPermissionError):
-            return PermanentTransportError(
-                f"redis at {self._url}: the user may not {what} (NOPERM {self._clean(e)}); "
-                "grant it the commands Herald uses (ACL SETUSER ... +@stream +@scripting +info, "
-                "or see the transport's module docstring)"
-            )
-        if what == "connect" and isinstance(e, ResponseError):  # INFO refused: final
-            return PermanentTransportError(
-                f"redis at {self._url} refused the connection check: {self._clean(e)}"
-            )
-        return None
-
-    async def _warn_if_volatile(self, client: aioredis.Redis) -> None:
-        try:
-            config: dict[Any, Any] = dict(await client.config_get("appendonly"))
-            config.update(await client.config_get("save"))
-        except RedisError:
-            return  # CONFIG may be disabled (managed Redis); nothing to say then
-        appendonly = config.get(b"appendonly", config.get("appendonly"))
-        save = config.get(b"save", config.get("save"))
-        server = (self._options.host, self._options.port)
-        if appendonly in (b"no", "no") and save in (b"", "") and server not in _WARNED:
-            _WARNED.add(server)  # once per server and process
-            log.warning(
-                'redis at %s keeps nothing on disk (appendonly no, save ""): a restart of '
-                "the server loses every message",
-                self._url,
-            )
 
     async def close(self) -> None:
         """Close every subscription (releasing unacked deliveries) and the connections."""
@@ -387,9 +266,9 @@ class RedisTransport(Transport):
             try:
                 return await op(client)
             except (AuthenticationError, NoPermissionError) as e:
-                refused = self._refused(e, what)
-                assert refused is not None
-                raise refused from None
+                permanent = refused(self._url, e, what, self._clean_text)
+                assert permanent is not None
+                raise permanent from None
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
                 now = time.monotonic()
                 if failing_since is None:

@@ -49,6 +49,8 @@ log = logging.getLogger("herald.transports.nats")
 _RECONNECT_WAIT = 0.5
 #: nats-py's timeout of each step of one attempt (TCP, INFO, TLS, PONG), also on reconnects.
 _STEP_TIMEOUT = 2.0
+#: How long the cleanup of a failed attempt waits for nats-py's close.
+_CLOSE_TIMEOUT = 0.5
 #: err_code of the JetStream API: JetStream is not enabled for the account
 _JETSTREAM_NOT_ENABLED = (10039, 10076)
 
@@ -237,7 +239,8 @@ async def _attempt(
     except BaseException:
         connecting.cancel()
         with anyio.CancelScope(shield=True), quiet():
-            await asyncio.wait_for(nc.close(), _STEP_TIMEOUT)
+            # after a failed TLS upgrade nats-py's close can hang: do not wait long
+            await asyncio.wait_for(nc.close(), _CLOSE_TIMEOUT)
         raise
 
 
@@ -309,12 +312,12 @@ async def _probe_tls(o: NatsOptions, url: str, tls: ssl.SSLContext | None, deadl
         raise PermanentTransportError(
             f"NATS at {url}: TLS handshake failed: {type(e).__name__}: {describe(e)}{hint}"
         ) from None
-    except (OSError, ValueError):
-        return True  # odd: nats-py's attempt reports it
-    except TimeoutError as e:
+    except TimeoutError as e:  # before OSError: TimeoutError is one
         if "TLS" in str(e):
             raise
         return True  # no INFO in time: nats-py's attempt reports it
+    except (OSError, ValueError):
+        return True  # odd: nats-py's attempt reports it
     finally:
         # not wait_closed(): after a failed start_tls it may never complete
         writer.close()

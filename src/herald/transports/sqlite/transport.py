@@ -220,7 +220,7 @@ class SqliteTransport(Transport):
             if conn is not None:
                 conn.close()
             if isinstance(exc, sqlite3.Error):
-                raise self._error(exc, "open") from None
+                raise self._error(exc, "open") from exc
             raise
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:

@@ -146,9 +146,8 @@ async def connect_within(
             except retry_on as e:
                 cause = endpoint.scrub(describe(e))
                 if not plain_checked:
-                    plain_checked = True
                     left = deadline - time.monotonic()
-                    tls_port = await _speaks_tls(endpoint, min(_PLAIN_PROBE, left))
+                    plain_checked, tls_port = await _speaks_tls(endpoint, min(_PLAIN_PROBE, left))
                     if tls_port is not None:
                         raise PermanentTransportError(
                             f"{endpoint.engine} at {endpoint.url}: {tls_port} speaks TLS, this "
@@ -217,11 +216,13 @@ def _tls_failure(
     )
 
 
-async def _speaks_tls(endpoint: Endpoint, timeout: float) -> str | None:
-    """The first of the hosts that completes a TLS handshake (certificate not checked), as
-    ``host:port``; ``None`` when none does within ``timeout``."""
+async def _speaks_tls(endpoint: Endpoint, timeout: float) -> tuple[bool, str | None]:
+    """Whether some host accepted a TCP connection (else the check is still to do), and the
+    first that completes a TLS handshake (certificate not checked) as ``host:port``, or
+    ``None`` when none does within ``timeout``."""
+    reached = False
     if timeout <= 0:
-        return None
+        return reached, None
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -230,14 +231,15 @@ async def _speaks_tls(endpoint: Endpoint, timeout: float) -> str | None:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         except (OSError, TimeoutError):
             continue
+        reached = True
         try:
             await asyncio.wait_for(writer.start_tls(context, server_hostname=host), timeout)
         except (OSError, EOFError, TimeoutError):
             continue
         finally:
             writer.close()
-        return endpoint.where(host, port)
-    return None
+        return reached, endpoint.where(host, port)
+    return reached, None
 
 
 # --- quieting the client library ------------------------------------------------------------

@@ -48,9 +48,11 @@ __all__ = [
     "connect_within",
     "describe",
     "library_said",
+    "load_tls",
 ]
 
 T = TypeVar("T")
+C = TypeVar("C", ssl.SSLContext, ssl.SSLContext | None)
 
 #: Default ``connect_timeout`` of every networked transport, in seconds: long enough for a
 #: broker that is still starting (a compose file starting app and broker together), short
@@ -104,6 +106,17 @@ def describe(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     text = " ".join(text.split())
     return text if len(text) <= _MAX_CAUSE else text[: _MAX_CAUSE - 3] + "..."
+
+
+def load_tls(engine: str, url: str, make: Callable[[], C]) -> C:
+    """``make()``, the transport's TLS context (``None`` for a plain URL); a CA, certificate or
+    key file that does not load is a :class:`PermanentTransportError` naming the URL."""
+    try:
+        return make()
+    except (OSError, ssl.SSLError) as e:
+        raise PermanentTransportError(
+            f"{engine} at {url}: cannot load the TLS files: {describe(e)}"
+        ) from None
 
 
 async def connect_within(

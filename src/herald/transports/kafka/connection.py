@@ -30,7 +30,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
 )
 
 from herald.transports.base import PermanentTransportError, TransportError
-from herald.transports.connecting import Endpoint, describe, library_said
+from herald.transports.connecting import Endpoint, describe, library_said, load_tls
 from herald.transports.kafka.options import redact_url
 
 __all__ = ["Access"]
@@ -88,12 +88,10 @@ class Access:
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
-            try:
-                self._ssl = ssl.create_default_context(cafile=self._options["ssl_cafile"])
-            except (OSError, ssl.SSLError) as e:
-                raise PermanentTransportError(
-                    f"Kafka at {self.url}: cannot load the TLS files: {e}"
-                ) from None
+            cafile = self._options["ssl_cafile"]
+            self._ssl = load_tls(
+                "Kafka", self.url, lambda: ssl.create_default_context(cafile=cafile)
+            )
         return self._ssl
 
     def client_options(self) -> dict[str, Any]:

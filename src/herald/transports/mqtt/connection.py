@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from herald.transports.base import PermanentTransportError, TransportError
-from herald.transports.connecting import Endpoint, connect_within
+from herald.transports.connecting import Endpoint, connect_within, load_tls
 from herald.transports.mqtt.options import MqttOptions
 
 __all__ = ["ANSWER_TIMEOUT", "Connection", "ConnectionLost", "Item", "reconnect"]
@@ -90,7 +90,7 @@ class Connection:
         self._props = props
         self._clean_start = clean_start
         self._on_message = on_message
-        self._tls = opts.ssl_context()
+        self._tls = load_tls("MQTT", opts.url, opts.ssl_context)
         self._loop = asyncio.get_running_loop()
         self._make_client(ANSWER_TIMEOUT)
         self._waiting: dict[int, _Batch] = {}

@@ -34,7 +34,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from herald.transports.base import PermanentTransportError
-from herald.transports.connecting import Endpoint, connect_within, describe
+from herald.transports.connecting import Endpoint, connect_within, describe, load_tls
 from herald.transports.nats.options import NatsOptions
 from herald.transports.nats.subscription import TRANSIENT, quiet
 
@@ -120,10 +120,7 @@ class Events:
 async def open_client(o: NatsOptions, url: str, events: Events) -> Client:
     """A connected nats-py client whose JetStream answers, reconnecting forever after a loss
     (with ``events`` as its callbacks). See the module docstring."""
-    try:
-        tls = _tls_context(o)
-    except (OSError, ssl.SSLError) as e:
-        raise PermanentTransportError(f"NATS at {url}: cannot load the TLS files: {e}") from None
+    tls = load_tls("NATS", url, lambda: _tls_context(o))
     _check_files(o, url)
     endpoint = Endpoint(
         engine="NATS",

@@ -21,7 +21,7 @@ import aiormq
 import anyio
 
 from herald.transports.base import PermanentTransportError, TransportError
-from herald.transports.connecting import Endpoint, connect_within
+from herald.transports.connecting import Endpoint, connect_within, load_tls
 from herald.transports.rabbitmq.options import Options
 
 __all__ = ["GONE", "Link", "refused"]
@@ -82,12 +82,7 @@ class Link:
         """Connect within ``connect_timeout`` (:mod:`herald.transports.connecting`) and start
         the reconnect watcher."""
         o = self.options
-        try:
-            self._context = o.ssl_context()
-        except (OSError, ssl.SSLError) as e:
-            raise PermanentTransportError(
-                f"RabbitMQ at {o.redacted}: cannot load the TLS files: {e}"
-            ) from None
+        self._context = load_tls("RabbitMQ", o.redacted, o.ssl_context)
         endpoint = Endpoint(
             engine="RabbitMQ",
             url=o.redacted,

@@ -12,7 +12,6 @@ NOPERM and refused credentials on any command are permanent too (the transport's
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from herald.transports.base import PermanentTransportError
-from herald.transports.connecting import Endpoint, connect_within, describe
+from herald.transports.connecting import Endpoint, connect_within, load_tls
 from herald.transports.redis.options import RedisOptions
 from herald.transports.redis.wire import raw_reply
 
@@ -70,12 +69,7 @@ def new_client(o: RedisOptions) -> aioredis.Redis:
 async def open_client(o: RedisOptions, url: str, scrub: Callable[[str], str]) -> aioredis.Redis:
     """A connected client whose server answered INFO; see the module docstring. ``url`` is
     the redacted URL, ``scrub`` removes the password from a text."""
-    try:
-        context = o.ssl_context()
-    except (OSError, ssl.SSLError) as e:
-        raise PermanentTransportError(
-            f"redis at {url}: cannot load the TLS files: {describe(e)}"
-        ) from None
+    context = load_tls("Redis", url, o.ssl_context)
     endpoint = Endpoint(
         engine="Redis",
         url=url,

@@ -7,10 +7,14 @@ pid it started (never the shared servers). Used by the TLS and connection-error 
   serve TLS itself (Tansu) or is shared (RabbitMQ).
 * :func:`tls_tansu`: a private Tansu behind such a terminator, advertising the terminator's
   port, so every connection a Kafka client makes goes through TLS.
+* :func:`late_forwarder`: a port that refuses connections for a while, then forwards to a
+  server (a broker that comes up while a client is already connecting).
+* :func:`mosquitto_argv`: a private mosquitto with a password file.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import os
@@ -19,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,3 +211,55 @@ def tls_tansu(tmp: Path, *, authentication: bool = False) -> Iterator[TlsTansu]:
     finally:
         stop_process(terminator)
         stop_process(broker)
+
+
+@contextlib.asynccontextmanager
+async def late_forwarder(port: int, backend: int, delay: float) -> AsyncIterator[None]:
+    """After ``delay`` seconds, listen on ``port`` and forward every connection to
+    ``backend``: a broker that comes up while a client is already connecting."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        writer.close()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", backend)
+        writers.extend([writer, up_writer])
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    servers: list[asyncio.Server] = []
+
+    async def start() -> None:
+        await asyncio.sleep(delay)
+        servers.append(await asyncio.start_server(on_client, "127.0.0.1", port))
+
+    task = asyncio.ensure_future(start())
+    try:
+        yield
+    finally:
+        task.cancel()
+        for w in writers:
+            w.close()
+        for s in servers:
+            s.close()
+
+
+def mosquitto_argv(tmp: Path, port: int, password: str, *lines: str) -> list[str]:
+    """A private mosquitto's command line: ``listener port``, user ``app`` with ``password``,
+    no anonymous clients, no persistence, plus ``lines`` of configuration."""
+    passwords = tmp / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwords), "app", password],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    config = [f"listener {port} 127.0.0.1", f"password_file {passwords}",
+              "allow_anonymous false", "persistence false", *lines]  # fmt: skip
+    if os.geteuid() == 0:
+        config.append("user root")  # else it drops to "mosquitto", which cannot read tmp
+    path = tmp / "mosquitto.conf"
+    path.write_text("\n".join(config) + "\n")
+    return ["/usr/sbin/mosquitto", "-c", str(path)]

@@ -20,14 +20,13 @@ Redis are throw-away ones, deleted in a ``finally``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -36,12 +35,25 @@ import redis
 
 from herald.testing.conformance import make_messages, unique_name
 from herald.testing.servers import require_server
-from herald.transports import PermanentTransportError, TransportError, open_transport
+from herald.transports import PermanentTransportError, open_transport
 from herald.transports.connecting import CONNECT_TIMEOUT
 
-from .conftest import connect_fails, free_port, self_signed
+from .conftest import free_port, self_signed
+from .connect_checks import (
+    BUDGET,
+    FAST,
+    LOG_LINES,
+    SECRET,
+    SLACK,
+    fails,
+    tls_mismatches,
+    tls_unanswered,
+    with_query,
+)
 from .private_servers import (
     PrivateServer,
+    late_forwarder,
+    mosquitto_argv,
     require_binaries,
     tls_tansu,
     tls_terminator,
@@ -49,15 +61,6 @@ from .private_servers import (
 
 pytestmark = pytest.mark.anyio
 
-#: A permanent error fails well under this, with the default budget of CONNECT_TIMEOUT s.
-FAST = 3.0
-#: connect_timeout of the tests that wait for the budget to run out.
-BUDGET = 2.0
-#: Slack on top of the budget for a busy machine.
-SLACK = 2.5
-#: At most this many log records at INFO or above for one failed connect.
-LOG_LINES = 2
-SECRET = "s3cret-4711"
 NATS_BIN = "/usr/sbin/nats-server"
 MOSQUITTO_BIN = "/usr/sbin/mosquitto"
 
@@ -76,64 +79,6 @@ def anyio_backend() -> str:
     return "asyncio"  # nats-py, aiormq and redis-py are asyncio-only
 
 
-def _with(url: str, query: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}{query}" if query else url
-
-
-async def fails(
-    url: str,
-    caplog: pytest.LogCaptureFixture,
-    *,
-    permanent: bool,
-    within: float,
-    secrets: tuple[str, ...] = (SECRET,),
-) -> TransportError:
-    """``connect()`` to ``url`` raises one TransportError (permanent or not, as said) within
-    ``within`` seconds: one line naming the redacted URL, no secret in it or in the log, and
-    at most LOG_LINES records at INFO or above. Returns it."""
-    caplog.set_level(logging.DEBUG)
-    caplog.clear()
-    started = time.monotonic()
-    error = await connect_fails(url, *secrets, within=within)
-    took = time.monotonic() - started
-    text = str(error)
-    assert isinstance(error, PermanentTransportError) is permanent, (
-        f"{type(error).__name__}: {text}"
-    )
-    assert "\n" not in text, text
-    t = open_transport(url)
-    where = getattr(t, "path", None) or t.url.split("?")[0]  # SQLite: the path
-    assert where in text, text
-    for secret in secrets:
-        assert secret not in caplog.text
-    loud = [f"{r.name} {r.levelname}: {r.getMessage()}" for r in caplog.records if r.levelno >= 20]
-    assert len(loud) <= LOG_LINES, (took, loud)
-    return error
-
-
-async def tls_mismatches(
-    caplog: pytest.LogCaptureFixture, tls_url: str, plain_url: str, ca_option: str, tls_mode: str
-) -> None:
-    """Against a TLS port with a self-signed certificate: the TLS URL without the CA is an
-    untrusted certificate, the plain URL a plain client on a TLS port; both permanent, both
-    say TLS and what to change."""
-    untrusted = await fails(tls_url, caplog, permanent=True, within=FAST)
-    assert "TLS handshake" in str(untrusted) and "CERTIFICATE_VERIFY_FAILED" in str(untrusted)
-    assert ca_option in str(untrusted)
-    plain = await fails(plain_url, caplog, permanent=True, within=FAST)
-    assert "speaks TLS" in str(plain) and tls_mode in str(plain)
-
-
-async def tls_unanswered(caplog: pytest.LogCaptureFixture, url: str, plain_mode: str) -> None:
-    """A TLS URL on a plain port whose server waits for more bytes than the ClientHello has:
-    the handshake gets no answer, which is retried within the budget (a slow TLS server looks
-    the same), then one error that says TLS."""
-    error = await fails(
-        _with(url, f"connect_timeout={BUDGET:g}"), caplog, permanent=False, within=BUDGET + SLACK
-    )
-    assert "TLS handshake" in str(error) and plain_mode in str(error)
-
-
 # --- unreachable -------------------------------------------------------------------------------
 
 CLOSED = {
@@ -149,7 +94,7 @@ CLOSED = {
 async def test_closed_port_fails_within_the_budget_with_one_error(
     engine: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = _with(
+    url = with_query(
         CLOSED[engine].format(secret=SECRET, port=free_port()), f"connect_timeout={BUDGET:g}"
     )
     error = await fails(url, caplog, permanent=False, within=BUDGET + SLACK)
@@ -176,41 +121,6 @@ def test_every_transport_has_the_same_default_budget() -> None:
             open_transport(url)
 
 
-@contextlib.asynccontextmanager
-async def _forwarder_later(port: int, backend: int, delay: float) -> AsyncIterator[None]:
-    """After ``delay`` seconds, listen on ``port`` and forward every connection to
-    ``backend``: a broker that comes up while a client is already connecting."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := await reader.read(65536):
-                writer.write(chunk)
-                await writer.drain()
-        writer.close()
-
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", backend)
-        writers.extend([writer, up_writer])
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    servers: list[asyncio.Server] = []
-
-    async def start() -> None:
-        await asyncio.sleep(delay)
-        servers.append(await asyncio.start_server(on_client, "127.0.0.1", port))
-
-    task = asyncio.ensure_future(start())
-    try:
-        yield
-    finally:
-        task.cancel()
-        for w in writers:
-            w.close()
-        for s in servers:
-            s.close()
-
-
 @pytest.mark.parametrize("engine", list(SHARED))
 async def test_broker_that_comes_up_within_the_budget_is_connected(engine: str) -> None:
     """Transient errors are retried within connect_timeout: the port refuses connections for
@@ -218,9 +128,9 @@ async def test_broker_that_comes_up_within_the_budget_is_connected(engine: str) 
     require_server(engine)
     shared = urlsplit(SHARED[engine])
     port = free_port()
-    url = _with(SHARED[engine].replace(f":{shared.port}", f":{port}"), "connect_timeout=8")
+    url = with_query(SHARED[engine].replace(f":{shared.port}", f":{port}"), "connect_timeout=8")
     t = open_transport(url)
-    async with _forwarder_later(port, shared.port or 0, delay=2.0):
+    async with late_forwarder(port, shared.port or 0, delay=2.0):
         started = time.monotonic()
         try:
             await t.connect()
@@ -449,28 +359,13 @@ async def test_nats_tls_mismatch_says_tls(tmp_path: Path, caplog: pytest.LogCapt
 # --- MQTT --------------------------------------------------------------------------------------
 
 
-def _mosquitto(tmp: Path, port: int, *lines: str) -> list[str]:
-    passwords = tmp / "passwd"
-    subprocess.run(
-        ["mosquitto_passwd", "-b", "-c", str(passwords), "app", SECRET],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    config = [f"listener {port} 127.0.0.1", f"password_file {passwords}",
-              "allow_anonymous false", "persistence false", *lines]  # fmt: skip
-    if os.geteuid() == 0:
-        config.append("user root")  # else it drops to "mosquitto", which cannot read tmp
-    path = tmp / "mosquitto.conf"
-    path.write_text("\n".join(config) + "\n")
-    return [MOSQUITTO_BIN, "-c", str(path)]
-
-
 async def test_mqtt_refused_credentials_fail_at_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_binaries(MOSQUITTO_BIN, "mosquitto_passwd")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # member slot files stay in tmp_path
     port = free_port()
-    with PrivateServer(_mosquitto(tmp_path, port), port, tmp_path / "mosquitto.log"):
+    with PrivateServer(mosquitto_argv(tmp_path, port, SECRET), port, tmp_path / "mosquitto.log"):
         async with open_transport(f"mqtt://app:{SECRET}@127.0.0.1:{port}"):
             pass  # the right password works
         wrong = await fails(
@@ -488,7 +383,9 @@ async def test_mqtt_tls_mismatch_says_tls(
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     cert, key = self_signed(tmp_path)
     port = free_port()
-    argv = _mosquitto(tmp_path, port, f"cafile {cert}", f"certfile {cert}", f"keyfile {key}")
+    argv = mosquitto_argv(
+        tmp_path, port, SECRET, f"cafile {cert}", f"certfile {cert}", f"keyfile {key}"
+    )
     with PrivateServer(argv, port, tmp_path / "mosquitto.log"):
         await tls_mismatches(
             caplog,

@@ -7,7 +7,14 @@ from herald.errors import DecodeError, Permanent
 from herald.message import Message
 from herald.middleware.deadletter import dead_letter_topic
 from herald.middleware.retry import Retry
-from herald.transports import Delivery, Features, Subscription, Transport, TransportError
+from herald.transports import (
+    Delivery,
+    Features,
+    PermanentTransportError,
+    Subscription,
+    Transport,
+    TransportError,
+)
 
 __all__ = [
     "App",
@@ -17,6 +24,7 @@ __all__ = [
     "Features",
     "Message",
     "Permanent",
+    "PermanentTransportError",
     "Retry",
     "Subscription",
     "Transport",

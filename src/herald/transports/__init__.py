@@ -7,6 +7,7 @@ import importlib
 from herald.transports.base import (
     Delivery,
     Features,
+    PermanentTransportError,
     Start,
     Subscription,
     Transport,
@@ -18,6 +19,7 @@ __all__ = [
     "SCHEMES",
     "Delivery",
     "Features",
+    "PermanentTransportError",
     "Start",
     "Subscription",
     "Transport",

@@ -37,6 +37,7 @@ from herald.message import Message
 __all__ = [
     "Delivery",
     "Features",
+    "PermanentTransportError",
     "Start",
     "Subscription",
     "Transport",
@@ -53,7 +54,23 @@ Start = Literal["earliest", "latest"]
 
 
 class TransportError(Exception):
-    """The engine refused or could not be reached. The message says which URL (redacted) and why."""
+    """The engine refused or could not be reached. The message says which URL (redacted) and why.
+
+    A plain ``TransportError`` may go away by itself (the broker was unreachable for longer than
+    the transport's budget, a connection dropped and did not come back): trying again later can
+    help. :class:`PermanentTransportError` is the kind that cannot.
+    """
+
+
+class PermanentTransportError(TransportError):
+    """Retrying cannot help; the configuration must change. Raised at once, never after retries.
+
+    Wrong or missing credentials, a user without permission (on the virtual host, the topic,
+    the command), a missing virtual host, a TLS mismatch (a TLS client on a plain port, a plain
+    client on a TLS port, a certificate the client does not trust), an unreadable credentials
+    file, a SQLite path that cannot be opened or is not a database. The message is one line
+    naming the URL (redacted) and what to fix.
+    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from herald.transports.connecting import CONNECT_TIMEOUT
+
 __all__ = ["parse_url", "redact_url"]
 
 _CREDENTIALS = re.compile(r"(://[^/@:]*):[^/@]*@")
@@ -28,7 +30,7 @@ _INT_OPTIONS = {
     "fetch_max": (1, 1_000_000, 500),
     "rebalance_timeout_ms": (100, 3_600_000, 10_000),
 }
-_FLOAT_OPTIONS = {"connect_timeout": 10.0, "join_timeout": 60.0, "commit_timeout": 30.0}
+_FLOAT_OPTIONS = {"connect_timeout": CONNECT_TIMEOUT, "join_timeout": 60.0, "commit_timeout": 30.0}
 _CHOICES = {
     "security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     "sasl_mechanism": ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),

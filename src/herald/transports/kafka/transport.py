@@ -38,7 +38,11 @@ URL options (query string):
 ``max_request_size``     largest produce request in bytes (default 1048576)
 ``linger_ms``            producer linger (default 0)
 ``fetch_max``            records per fetch from the broker (default 500)
-``connect_timeout``      seconds to keep retrying an unreachable broker (default 10)
+``connect_timeout``      the budget of ``connect()`` in seconds (default 10, the same on every
+                         transport: :mod:`herald.transports.connecting`): an unreachable
+                         broker is retried within it; a refused SASL login, a missing
+                         authorization or a TLS mismatch raise ``PermanentTransportError``
+                         at once
 ``join_timeout``         seconds to wait for a group assignment on subscribe (default 60)
 ``strict_attempts``      ``true``: commit the handout counts before ``fetch`` returns, so a
                          crash never hides a delivery from ``attempt`` (one more commit per
@@ -54,9 +58,6 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import re
-import ssl
-import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -74,6 +75,7 @@ from aiokafka.partitioner import murmur2  # type: ignore[import-untyped]
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    PermanentTransportError,
     Start,
     Subscription,
     Transport,
@@ -82,8 +84,10 @@ from herald.transports.base import (
     unsupported,
     validate_name,
 )
+from herald.transports.connecting import connect_within
+from herald.transports.kafka.connection import Access
 from herald.transports.kafka.member import GroupMember
-from herald.transports.kafka.options import parse_url, redact_url
+from herald.transports.kafka.options import parse_url
 from herald.transports.kafka.subscription import KafkaSubscription
 from herald.transports.kafka.transactions import KafkaTransactions
 from herald.transports.kafka.wire import encode_headers, record_size, retry_topic
@@ -92,22 +96,6 @@ __all__ = ["KafkaTransport"]
 
 log = logging.getLogger("herald.transports.kafka")
 
-
-class _HideSaslBytes(logging.Filter):
-    """aiokafka logs every request at DEBUG, and a SASL PLAIN request's repr holds the
-    password in clear (``sasl_auth_bytes=b'\\x00user\\x00password'``): blank it out."""
-
-    _BYTES = re.compile(r"sasl_auth_bytes=b(['\"]).*?(?<!\\)\1")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno <= logging.DEBUG:
-            text = record.getMessage()
-            if "sasl_auth_bytes" in text:
-                record.msg, record.args = self._BYTES.sub("sasl_auth_bytes=<redacted>", text), ()
-        return True
-
-
-logging.getLogger("aiokafka.conn").addFilter(_HideSaslBytes())
 
 #: room left in a produce request for the record's framing and headers
 _OVERHEAD = 8192
@@ -119,10 +107,8 @@ class KafkaTransport(Transport):
     schemes: ClassVar[tuple[str, ...]] = ("kafka",)
 
     def __init__(self, url: str, hosts: list[str], options: dict[str, Any]) -> None:
-        self._url = redact_url(url)
-        self._hosts = hosts
-        self._user: str | None = options.pop("_user", None)
-        self._password: str | None = options.pop("_password", None)
+        self._access = Access(url, hosts, options)  # takes the credentials out of options
+        self._url = self._access.url
         self.options = options
         self.partitions: int = options["partitions"]
         self.replication: int = options["replication"]
@@ -165,19 +151,7 @@ class KafkaTransport(Transport):
         return self._url
 
     def _client_options(self) -> dict[str, Any]:
-        o = self.options
-        out: dict[str, Any] = {
-            "bootstrap_servers": self._hosts,
-            "client_id": o["client_id"],
-            "security_protocol": o["security_protocol"],
-        }
-        if o["security_protocol"] in ("SSL", "SASL_SSL"):
-            out["ssl_context"] = ssl.create_default_context(cafile=o["ssl_cafile"])
-        if o["security_protocol"].startswith("SASL"):
-            out["sasl_mechanism"] = o["sasl_mechanism"]
-            out["sasl_plain_username"] = self._user
-            out["sasl_plain_password"] = self._password
-        return out
+        return self._access.client_options()
 
     def consumer_options(self) -> dict[str, Any]:
         """aiokafka consumer keyword arguments shared by every group member."""
@@ -198,34 +172,29 @@ class KafkaTransport(Transport):
     # -- connection -------------------------------------------------------------------------
 
     async def connect(self) -> None:
+        """Connect within ``connect_timeout`` (:mod:`herald.transports.connecting`): retry an
+        unreachable broker, fail at once with :class:`PermanentTransportError` on a refused
+        SASL login, a missing authorization or a TLS mismatch."""
         if self._producer is not None:
             return
-        deadline = time.monotonic() + self.options["connect_timeout"]
-        delay = 0.1
-        while True:
-            try:
-                await self._open_clients()
-                return
-            except KafkaError as e:
+        await connect_within(
+            self._access.endpoint(),
+            self.options["connect_timeout"],
+            self._attempt,
+            transient=(KafkaError,),
+            quiet=["aiokafka"],
+        )
+
+    async def _attempt(self, _seconds: float) -> None:
+        """One attempt of :meth:`connect`: the admin client and the producer."""
+        try:
+            await self._open_clients()
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):
                 await self._close_clients()
-                if isinstance(e, TransportError) or time.monotonic() + delay > deadline:
-                    raise TransportError(
-                        f"cannot reach Kafka at {self.url} within "
-                        f"{self.options['connect_timeout']:g}s: {e!r}"
-                    ) from None
-            except TransportError:
-                await self._close_clients()
-                raise
-            except Exception as e:
-                # aiokafka lets some login failures escape as plain errors (a SCRAM reply with
-                # an error instead of a server signature raises KeyError): not worth retrying
-                await self._close_clients()
-                raise TransportError(
-                    f"cannot connect to Kafka at {self.url} (authentication or protocol "
-                    f"failure): {type(e).__name__}: {e}"
-                ) from None
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            if isinstance(e, Exception):
+                raise self._access.classify(e) from None
+            raise
 
     async def _open_clients(self) -> None:
         admin = AIOKafkaAdminClient(**self._client_options(), request_timeout_ms=10_000)
@@ -239,7 +208,7 @@ class KafkaTransport(Transport):
                 return
             except UnknownError as e:  # the broker's InitProducerId refused the request
                 if mode == "true":
-                    raise TransportError(
+                    raise PermanentTransportError(
                         f"{self.url}: the broker refused an idempotent producer ({e!r})"
                     ) from None
                 log.warning(

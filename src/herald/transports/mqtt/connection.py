@@ -20,13 +20,34 @@ import anyio
 from paho.mqtt import client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from herald.transports.base import TransportError
+from herald.transports.base import PermanentTransportError, TransportError
+from herald.transports.connecting import Endpoint, connect_within, load_tls
 from herald.transports.mqtt.options import MqttOptions
 
-__all__ = ["Connection", "ConnectionLost", "Item", "reconnect"]
+__all__ = ["ANSWER_TIMEOUT", "Connection", "ConnectionLost", "Item", "reconnect"]
 
 log = logging.getLogger("herald.transports.mqtt")
+#: what aiomqtt and paho log for a connection (demoted to DEBUG while connecting)
+_client_log = logging.getLogger("herald.transports.mqtt.client")
+
+#: Seconds an answer from the broker (SUBACK, UNSUBACK, the acks barrier, DISCONNECT) is awaited.
+ANSWER_TIMEOUT = 5.0
+#: CONNACK reason codes (MQTT 5) that retrying cannot change, and what to do about them
+_REFUSED = {
+    0x81: "the broker could not parse the CONNECT",
+    0x82: "protocol error",
+    0x84: "the broker does not speak MQTT 5",
+    0x85: "client identifier refused",
+    0x86: "check the user name and password in the URL",
+    0x87: "wrong user name or password, or the user may not connect: check both",
+    0x8A: "this client is banned",
+    0x8C: "authentication method refused",
+    0x95: "packet too large",
+    0x9C: "the broker asks to use another server",
+    0x9D: "the broker moved",
+}
 
 Item = tuple[str, bytes, Properties | None, bool]  # topic, payload, properties, retain
 
@@ -66,20 +87,38 @@ class Connection:
         props.SessionExpiryInterval = session_expiry
         if receive_max is not None:
             props.ReceiveMaximum = receive_max
+        self._props = props
+        self._clean_start = clean_start
+        self._on_message = on_message
+        self._tls = load_tls("MQTT", opts.url, opts.ssl_context)
+        self._loop = asyncio.get_running_loop()
+        self._make_client(ANSWER_TIMEOUT)
+        self._waiting: dict[int, _Batch] = {}
+        self._open = False
+        #: PUBACKs were written since the broker last proved it had read them (see close())
+        self._acks_unconfirmed = False
+        #: A filter this connection never subscribes to; unsubscribing is a no-op round trip.
+        self._barrier = f"{opts.prefix}_herald/barrier"
+
+    def _make_client(self, timeout: float) -> None:
+        """A fresh aiomqtt client (one per connect attempt: a cancelled attempt can leave the
+        old one locked) that waits ``timeout`` seconds for the CONNACK and the TCP connect."""
+        opts = self._opts
         self._client = aiomqtt.Client(
             opts.host,
             opts.port,
             username=opts.username,
             password=opts.password,
-            identifier=identifier,
+            identifier=self.identifier,
             protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=clean_start,
-            properties=props,
-            tls_context=opts.ssl_context(),
-            timeout=opts.connect_timeout,
-            logger=log,
+            clean_start=self._clean_start,
+            properties=self._props,
+            tls_context=self._tls,
+            timeout=timeout,
+            logger=_client_log,
         )
         self.paho: paho.Client = self._client._client
+        self.paho.connect_timeout = timeout
         self.paho.manual_ack_set(True)  # before CONNECT: resent messages must not be auto-acked
         self.paho.max_inflight_messages_set(1000)
         self.paho.on_publish = self._on_publish
@@ -87,23 +126,26 @@ class Connection:
         # before that runs (a flush() wrote everything, then a quick close), asyncio raises on
         # the dead fd. These hooks do the same, but tolerate a closed socket and unregister the
         # writer on close so a reused fd number never meets a stale registration.
-        self._loop = asyncio.get_running_loop()
         self.paho.on_socket_register_write = self._register_write
         aiomqtt_close: Any = self.paho.on_socket_close
+        # aiomqtt ignores a connection closed before the CONNACK and waits out its timeout
+        # (a plain client on a TLS port): this tells the attempt at once
+        closed: asyncio.Future[None] = self._loop.create_future()
+        self._socket_closed = closed
+
+        def mark_closed() -> None:
+            if not closed.done():
+                closed.set_result(None)
 
         def on_socket_close(client: Any, userdata: Any, sock: Any) -> None:
             self._loop.call_soon_threadsafe(self._remove_writer, sock.fileno())
+            self._loop.call_soon_threadsafe(mark_closed)
             aiomqtt_close(client, userdata, sock)
 
         self.paho.on_socket_close = on_socket_close
+        on_message = self._on_message
         if on_message is not None:
             self.paho.on_message = lambda _c, _u, m: on_message(m)
-        self._waiting: dict[int, _Batch] = {}
-        self._open = False
-        #: PUBACKs were written since the broker last proved it had read them (see close())
-        self._acks_unconfirmed = False
-        #: A filter this connection never subscribes to; unsubscribing is a no-op round trip.
-        self._barrier = f"{opts.prefix}_herald/barrier"
 
     def _register_write(self, client: Any, _u: Any, sock: Any) -> None:
         fd = sock.fileno()
@@ -133,21 +175,52 @@ class Connection:
         return self._open and not self._client._disconnected.done()
 
     async def open(self) -> None:
-        """Connect, trying ``connect_retries`` times with backoff; TransportError if it fails."""
+        """Connect within ``connect_timeout`` (:mod:`herald.transports.connecting`): retry an
+        unreachable broker; a CONNACK that refuses for good (bad user name or password, not
+        authorized, banned...) or a TLS mismatch raise :class:`PermanentTransportError` at
+        once."""
         o = self._opts
-        error = ""
-        for attempt in range(o.connect_retries):
-            if attempt:
-                await anyio.sleep(min(0.2 * 2**attempt, 2.0))
+        endpoint = Endpoint(
+            engine="MQTT",
+            url=o.url,
+            hosts=[(o.host, o.port)],
+            tls=self._tls,
+            other_mode="mqtt://" if o.tls else "mqtts://",
+            ca_option="ca_file",
+        )
+        first = True
+
+        async def attempt(seconds: float) -> None:
+            nonlocal first
+            if not first:
+                self._make_client(max(0.05, seconds - 0.05))
+            first = False
+            self._client.timeout = self.paho.connect_timeout = max(0.05, seconds - 0.05)
+            enter = asyncio.ensure_future(self._client.__aenter__())
             try:
-                with anyio.fail_after(o.connect_timeout + 1):
-                    await self._client.__aenter__()
-                self._open = True
-                return
-            except (aiomqtt.MqttError, TimeoutError, OSError) as e:
-                error = str(e) or type(e).__name__
-        raise TransportError(
-            f"cannot connect to MQTT broker {o.url} after {o.connect_retries} attempts: {error}"
+                waits: list[asyncio.Future[Any]] = [enter, self._socket_closed]
+                await asyncio.wait(waits, return_when="FIRST_COMPLETED")
+                if not enter.done():
+                    raise ConnectionError("the broker closed the connection before its CONNACK")
+                enter.result()
+            except aiomqtt.MqttCodeError as e:
+                code = e.rc.value if isinstance(e.rc, ReasonCode) else e.rc
+                if isinstance(code, int) and code in _REFUSED:
+                    raise PermanentTransportError(
+                        f"MQTT broker {o.url} refused the connection: {e} ({_REFUSED[code]})"
+                    ) from None
+                raise
+            finally:
+                enter.cancel()  # (a no-op once done) this client is not used again
+            self._client.timeout = ANSWER_TIMEOUT
+            self._open = True
+
+        await connect_within(
+            endpoint,
+            o.connect_timeout,
+            attempt,
+            transient=(aiomqtt.MqttError,),
+            quiet=["aiomqtt", _client_log.name],
         )
 
     async def close(self) -> None:
@@ -166,7 +239,7 @@ class Connection:
         if fut.done() and not fut.cancelled():
             fut.exception()  # mark a lost connection's error as seen (asyncio warns otherwise)
         try:
-            with anyio.move_on_after(self._opts.connect_timeout):
+            with anyio.move_on_after(ANSWER_TIMEOUT):
                 await self._client.__aexit__(None, None, None)
         except (aiomqtt.MqttError, OSError):
             pass  # already gone: nothing to say goodbye to
@@ -199,7 +272,7 @@ class Connection:
         try:
             await asyncio.wait(
                 [barrier, self._client._disconnected],
-                timeout=self._opts.connect_timeout,
+                timeout=ANSWER_TIMEOUT,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
@@ -264,6 +337,8 @@ async def reconnect(opts: MqttOptions, make: Callable[[], Connection]) -> Connec
         try:
             await conn.open()
             return conn
+        except PermanentTransportError:
+            raise
         except TransportError as e:
             if time.monotonic() + delay > deadline:
                 raise TransportError(

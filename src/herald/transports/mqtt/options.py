@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from herald.transports import redact_url
+from herald.transports.connecting import CONNECT_TIMEOUT
 
 __all__ = ["MAX_MQTT_PACKET", "MqttOptions", "parse_url"]
 
@@ -43,8 +44,7 @@ class MqttOptions:
     member: str = ""
     session_expiry: int = 86_400
     prefetch: int = 1000
-    connect_timeout: float = 5.0
-    connect_retries: int = 3
+    connect_timeout: float = CONNECT_TIMEOUT
     reconnect_timeout: float = 30.0
     max_payload: int = MAX_MQTT_PACKET - _ENVELOPE_RESERVE
     ca_file: str | None = None
@@ -127,8 +127,6 @@ def parse_url(url: str) -> MqttOptions:
             opts[name] = _number(name, raw, integer=True, low=1, high=0xFFFFFFFE)
         elif name == "prefetch":
             opts[name] = _number(name, raw, integer=True, low=1, high=65535)
-        elif name == "connect_retries":
-            opts[name] = _number(name, raw, integer=True, low=1, high=100)
         elif name in ("connect_timeout", "reconnect_timeout"):
             opts[name] = _number(name, raw, integer=False, low=0.01, high=3600)
         elif name == "max_payload":
@@ -145,7 +143,7 @@ def parse_url(url: str) -> MqttOptions:
             opts[name] = raw.lower() in ("true", "1")
         else:
             raise ValueError(
-                f"unknown mqtt URL option {name!r}; known: ca_file, connect_retries, "
+                f"unknown mqtt URL option {name!r}; known: ca_file, "
                 "connect_timeout, max_payload, member, prefetch, prefix, reconnect_timeout, "
                 "session_expiry, tls_insecure"
             )

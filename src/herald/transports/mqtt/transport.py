@@ -13,10 +13,15 @@ URL
         How long Mosquitto keeps an offline member's session (and the messages queued in it).
     ``prefetch`` (default 1000)
         MQTT 5 Receive Maximum: how many unacked messages the broker sends one consumer.
-    ``connect_timeout`` (s, default 5), ``connect_retries`` (default 3), ``reconnect_timeout``
-    (s, default 30): an unreachable broker fails :meth:`MqttTransport.connect` with a
-    :class:`TransportError` after ``connect_retries`` attempts with backoff; a lost
-    connection is re-opened with backoff for up to ``reconnect_timeout`` seconds.
+    ``connect_timeout`` (s, default 10)
+        The budget of each connect (the publisher's in :meth:`MqttTransport.connect`, and each
+        subscription's), the same on every transport (:mod:`herald.transports.connecting`):
+        an unreachable broker is retried with backoff within it, then one
+        :class:`TransportError` names the URL, the budget and the cause. A CONNACK that
+        refuses for good (bad user name or password, not authorized, banned) and a TLS
+        mismatch raise :class:`~herald.transports.base.PermanentTransportError` at once.
+    ``reconnect_timeout`` (s, default 30)
+        A lost connection is re-opened with backoff for up to this long.
     ``max_payload`` (bytes, default MQTT's 256 MB packet limit minus 64 KiB for the envelope):
         set it to Mosquitto's ``message_size_limit`` if the broker has one.
     ``ca_file``, ``tls_insecure`` (``mqtts://`` only).
@@ -181,8 +186,8 @@ class MqttTransport(Transport):
     # --- lifecycle -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the publishing connection; TransportError (URL redacted) if the broker cannot
-        be reached after ``connect_retries`` attempts."""
+        """Open the publishing connection within ``connect_timeout``; TransportError (URL
+        redacted) if the broker stays unreachable, PermanentTransportError if it refuses."""
         if self._closed:
             raise TransportError(f"MQTT transport {self.url} is closed")
         if self._pub is None:

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from herald.transports.connecting import CONNECT_TIMEOUT
+
 __all__ = ["NatsOptions", "parse_url"]
 
 
@@ -30,8 +32,7 @@ class NatsOptions:
     duplicate_window: float = 120.0
     replicas: int = 1
     max_ack_pending: int = 20_000
-    connect_timeout: float = 2.0
-    connect_attempts: int = 3
+    connect_timeout: float = CONNECT_TIMEOUT
     timeout: float = 5.0
     retry_timeout: float = 30.0
     name: str = "herald"
@@ -90,7 +91,6 @@ _INTEGERS = {
     "max_msgs": -1,
     "replicas": 1,
     "max_ack_pending": 1,
-    "connect_attempts": 1,
 }
 _STRINGS = ("name", "creds", "nkey", "tls_ca", "tls_cert", "tls_key")
 

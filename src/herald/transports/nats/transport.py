@@ -14,9 +14,13 @@ Query options
     default), ``duplicate_window`` (seconds, default 120), ``replicas`` (default 1): the
     stream's limits, applied when the transport creates the stream (an existing stream is
     used as it is). ``max_ack_pending`` (default 20000): unacked deliveries per group.
-    ``connect_timeout`` (seconds, default 2) and ``connect_attempts`` (default 3): connecting
-    fails with :class:`TransportError` after that many attempts, 0.5 s apart (about 7 s with
-    the defaults when the port does not answer; at once-ish when it is refused).
+    ``connect_timeout`` (seconds, default 10): the budget of ``connect()``, the same on every
+    transport (:mod:`herald.transports.connecting`): an unreachable server, or one whose
+    JetStream does not answer yet, is tried again within it, then one
+    :class:`TransportError` names the URL, the budget and the cause. Refused credentials
+    ("Authorization Violation"), an unreadable or malformed ``creds``/``nkey`` file, a TLS
+    mismatch and an account without JetStream raise
+    :class:`~herald.transports.base.PermanentTransportError` at once.
     ``timeout`` (seconds, default 5): one request (API call, PubAck, ack confirmation).
     ``retry_timeout`` (seconds, default 30): how long publish/ack/nack retry through a lost
     connection before raising :class:`TransportError`.
@@ -28,14 +32,10 @@ TLS
     CAs, or only against ``tls_ca`` when given (e.g. a self-signed certificate:
     ``tls://app:secret@127.0.0.1:4222?tls_ca=/etc/nats/ca.pem``); the host name or IP of the
     URL must match the certificate. ``tls_cert`` + ``tls_key`` are the client certificate for
-    a server that verifies clients. Before nats-py sends any credentials, ``connect()`` reads
-    the server's INFO and does the TLS handshake on a short connection of its own: a server
-    that offers no TLS, a certificate the client does not trust or a refused client
-    certificate fails at once with :class:`TransportError`. A ``nats://`` URL against a server
-    that requires TLS is upgraded the same way (nats-py's behaviour), with the system CAs.
-    Even a server that accepts connections and then never answers (where nats-py can hang
-    after a failed TLS upgrade) ends ``connect()`` with :class:`TransportError` within
-    ``connect_attempts`` x (4 x ``connect_timeout`` + 0.5 s) + 5 x ``connect_timeout``.
+    a server that verifies clients. Before any credentials are sent, TLS is checked on a
+    connection of Herald's own (:mod:`herald.transports.nats.connection`): no TLS offered, an
+    untrusted certificate or a refused client certificate fail at once. A ``nats://`` URL
+    against a server that requires TLS is upgraded (nats-py's behaviour), with the system CAs.
 
 Mapping onto JetStream
     * topic -> one stream per topic, created on first publish or subscribe. Stream name: the
@@ -123,17 +123,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSub
 from nats.js.manager import JetStreamManager
 
 from herald.message import Message
@@ -147,18 +144,18 @@ from herald.transports.base import (
     unsupported,
     validate_name,
 )
+from herald.transports.connecting import describe
+from herald.transports.nats.connection import Events, PubAcks, open_client
 from herald.transports.nats.options import NatsOptions, parse_url
-from herald.transports.nats.subscription import (
-    TRANSIENT as _TRANSIENT,
-)
-from herald.transports.nats.subscription import (
-    NatsSubscription,
-)
-from herald.transports.nats.subscription import (
-    quiet as _quiet,
-)
+from herald.transports.nats.subscription import TRANSIENT as _TRANSIENT
+from herald.transports.nats.subscription import NatsSubscription
+from herald.transports.nats.subscription import quiet as _quiet
 from herald.transports.nats.topology import Topology
-from herald.transports.nats.wire import check_pattern, encode_headers, stream_name
+from herald.transports.nats.wire import (
+    check_pattern,
+    encode_headers,
+    stream_name,
+)
 
 __all__ = ["NatsSubscription", "NatsTransport", "PayloadTooLarge"]
 
@@ -168,16 +165,12 @@ T = TypeVar("T")
 
 HEADER_RESERVE = 16 * 1024  # bytes of max_payload kept for headers in features.max_payload
 _DEFAULT_MAX_PAYLOAD = 1024 * 1024  # NATS default, until the server's INFO says otherwise
-_RECONNECT_WAIT = 0.5
 # err_codes of the JetStream API
 _STREAM_NOT_FOUND = 10059
 _CONSUMER_NOT_FOUND = 10014
 _CONSUMER_EXISTS = 10013
 _CONSUMER_NAME_EXISTS = 10148
 _SUBJECTS_OVERLAP = 10065
-#: what nats-py raises when its connect attempts are used up (the reason is in error_cb)
-_GAVE_UP = nats.errors.NoServersError
-_CONNECT_REASONS = 3  # distinct errors of the connect attempts named in connect()'s error
 
 
 class PayloadTooLarge(TransportError, ValueError):
@@ -199,13 +192,8 @@ class NatsTransport(Transport):
         #: streams and consumers of topics and groups (on connect)
         self._topo: Topology | None = None
         self._subs: set[NatsSubscription] = set()
-        self._ack_prefix = ""
-        self._ack_sub: NatsSub | None = None
-        self._ack_waiters: dict[str, asyncio.Future[str | None]] = {}
-        self._next_token = 0
-        self._error_logged = False
-        #: what nats-py reported through error_cb during connect(), for its error message
-        self._connect_errors: list[str] = []
+        self._pubacks = PubAcks()
+        self._events = Events(self._safe_url, self._subs)
 
     def _features(self) -> Features:
         return Features(
@@ -229,149 +217,33 @@ class NatsTransport(Transport):
 
     # --- connection ------------------------------------------------------------------------
 
-    def _tls_context(self) -> ssl.SSLContext | None:
-        o = self._opts
-        if not (o.tls or o.tls_ca or o.tls_cert or o.tls_key):
-            return None
-        ctx = ssl.create_default_context(cafile=o.tls_ca)
-        if o.tls_cert:
-            ctx.load_cert_chain(o.tls_cert, o.tls_key)
-        return ctx
-
     async def connect(self) -> None:
-        """Connect, retrying ``connect_attempts`` times; then reconnect forever on loss."""
+        """Connect within ``connect_timeout`` (:mod:`herald.transports.nats.connection`); then
+        reconnect forever on loss."""
         if self._nc is not None:
             return
         o = self._opts
-        try:
-            tls = self._tls_context()
-        except (OSError, ssl.SSLError) as e:
-            raise TransportError(f"{self._safe_url}: cannot load TLS files: {e}") from None
-        server = f"{'tls' if tls else 'nats'}://{o.host}:{o.port}"
-        kwargs: dict[str, Any] = {}
-        if o.user is not None:
-            kwargs.update(user=o.user, password=o.password)
-        if o.token is not None:
-            kwargs["token"] = o.token
-        if o.creds:
-            kwargs["user_credentials"] = o.creds
-        if o.nkey:
-            kwargs["nkeys_seed"] = o.nkey
-        self._error_logged = False
-        self._connect_errors = []
-        await self._probe_tls(tls)
-        kwargs.update(
-            servers=[server],
-            name=o.name,
-            tls=tls,
-            # seconds; nats-py annotates these as int but takes any number
-            connect_timeout=o.connect_timeout,
-            reconnect_time_wait=_RECONNECT_WAIT,
-            allow_reconnect=True,
-            # nats-py tries (1 + this) times per server on the initial connect; raised to
-            # "forever" below once connected
-            max_reconnect_attempts=o.connect_attempts - 1,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-            pending_size=64 * 1024 * 1024,  # buffered while reconnecting
-        )
-        nc = Client()
-        try:
-            await asyncio.wait_for(nc.connect(**kwargs), self._connect_deadline())
-        except Exception as e:
-            # nats-py ends with "no servers available" (or hangs until our deadline); the
-            # errors of the attempts say why, e.g. an Authorization Violation from the server
-            # followed by a reset connection
-            reasons = self._connect_errors
-            if not (isinstance(e, (_GAVE_UP, TimeoutError)) and reasons):
-                reasons = [f"{type(e).__name__}: {_describe(e)}"]
-            error = TransportError(
-                f"cannot connect to NATS at {self._safe_url} after {o.connect_attempts} "
-                f"attempt(s): {'; '.join(reasons)}"
-            )
-            with _quiet():
-                await asyncio.wait_for(nc.close(), o.connect_timeout)
-            raise error from None
-        nc.options["max_reconnect_attempts"] = -1  # never give up on a lost connection
+        nc = await open_client(o, self._safe_url, self._events)
         self._nc = nc
+        self._events.connected = True
         self._jsm = nc.jsm(timeout=o.timeout)
         self._topo = Topology(self._jsm, self._api, self._js_request, o, self._safe_url)
         self._server_max = int(nc.max_payload or _DEFAULT_MAX_PAYLOAD)
         self.features = self._features()
         try:
-            await self._api("check JetStream", self._jsm.account_info)
-            self._ack_prefix = nc.new_inbox() + "."
-            self._ack_sub = await nc.subscribe(
-                self._ack_prefix + "*", cb=self._on_puback, pending_msgs_limit=-1
-            )
+            await self._pubacks.open(nc)
         except BaseException:
             await self.close()
             raise
-
-    def _connect_deadline(self) -> float:
-        """An upper bound for nats-py's initial connect: per attempt the TCP connect, INFO, TLS
-        handshake and PONG each take at most ``connect_timeout``, plus the wait between
-        attempts. nats-py can hang on a failed TLS upgrade (nats-io/nats.py#718); this ends
-        that with a TransportError instead."""
-        o = self._opts
-        return o.connect_attempts * (4 * o.connect_timeout + _RECONNECT_WAIT) + o.connect_timeout
-
-    async def _probe_tls(self, tls: ssl.SSLContext | None) -> None:
-        """Check TLS before nats-py sends credentials, on a short connection of our own.
-
-        nats-py upgrades to TLS only when the server requires it, so against a server without
-        TLS a ``tls://`` URL would send credentials in the clear: read the server's INFO line
-        and refuse. When TLS is on (asked for, or required by the server, which nats-py then
-        honours with the system CAs), do the TLS handshake: a certificate the client does not
-        trust, or a client certificate the server refuses, fails at once with a clear
-        TransportError; nats-py would retry it, then can hang (nats-io/nats.py#718).
-        """
-        o = self._opts
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(o.host, o.port), o.connect_timeout
-            )
-        except (OSError, TimeoutError):
-            return  # unreachable: connect() reports it after its attempts
-        try:
-            line = await asyncio.wait_for(reader.readline(), o.connect_timeout)
-            info = json.loads(line.partition(b" ")[2] or b"{}")
-            if not isinstance(info, dict):
-                return
-            offered = bool(info.get("tls_required") or info.get("tls_available"))
-            if tls is not None and not offered:
-                raise TransportError(
-                    f"{self._safe_url}: TLS requested but the server does not offer TLS; "
-                    "not sending credentials in the clear (use nats:// for a plain connection)"
-                )
-            if tls is None and not info.get("tls_required"):
-                return  # plain connection
-            context = tls if tls is not None else ssl.create_default_context()
-            await asyncio.wait_for(
-                writer.start_tls(context, server_hostname=o.host), o.connect_timeout
-            )
-        except ssl.SSLError as e:  # before OSError: SSLError is one
-            raise TransportError(
-                f"cannot connect to NATS at {self._safe_url}: TLS handshake failed: "
-                f"{type(e).__name__}: {_describe(e)}"
-            ) from None
-        except (OSError, TimeoutError, ValueError):
-            return  # odd or slow: connect() below reports it
-        finally:
-            # not wait_closed(): after a failed start_tls it may never complete
-            writer.close()
 
     async def close(self) -> None:
         for sub in list(self._subs):
             await sub.close()
         nc, self._nc = self._nc, None
+        self._events.connected = False
         self._jsm = None
         self._topo = None
-        for fut in self._ack_waiters.values():
-            if not fut.done():
-                fut.cancel()
-        self._ack_waiters.clear()
+        self._pubacks.cancel_all()
         if nc is not None:
             with _quiet():
                 await asyncio.wait_for(nc.close(), self._opts.timeout)
@@ -380,28 +252,6 @@ class NatsTransport(Transport):
         if self._nc is None:
             raise TransportError(f"{self._safe_url} is not connected: call connect() first")
         return self._nc
-
-    async def _on_error(self, e: Exception) -> None:
-        # nats-py reports every failed reconnect attempt: log the first loudly, the rest quietly
-        level = logging.DEBUG if self._error_logged else logging.WARNING
-        self._error_logged = True
-        reason = f"{type(e).__name__}: {_describe(e)}"
-        reasons = self._connect_errors
-        if self._nc is None and len(reasons) < _CONNECT_REASONS and reason not in reasons:
-            reasons.append(reason)  # still in connect()
-        log.log(level, "NATS %s: %s", self._safe_url, reason)
-
-    async def _on_disconnected(self) -> None:
-        if self._nc is not None:
-            log.warning("NATS %s: connection lost; reconnecting", self._safe_url)
-        for sub in self._subs:
-            sub._connection_lost()
-
-    async def _on_reconnected(self) -> None:
-        self._error_logged = False
-        log.warning("NATS %s: reconnected", self._safe_url)
-        for sub in self._subs:
-            sub._connection_lost()
 
     # --- JetStream API ---------------------------------------------------------------------
 
@@ -418,7 +268,7 @@ class NatsTransport(Transport):
                 if asyncio.get_running_loop().time() + delay > deadline:
                     raise TransportError(
                         f"NATS {self._safe_url}: {what} failed for {self._opts.retry_timeout}s: "
-                        f"{type(e).__name__}: {_describe(e)} (is JetStream enabled?)"
+                        f"{type(e).__name__}: {describe(e)} (is JetStream enabled?)"
                     ) from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -434,24 +284,6 @@ class NatsTransport(Transport):
         return bytes(msg.data)
 
     # --- publish ---------------------------------------------------------------------------
-
-    async def _on_puback(self, msg: Msg) -> None:
-        fut = self._ack_waiters.pop(msg.subject[len(self._ack_prefix) :], None)
-        if fut is None or fut.done():
-            return
-        headers = msg.headers
-        if headers and "Status" in headers:  # 503: no stream (yet) or JetStream not ready
-            fut.set_result(f"status {headers['Status']}")
-            return
-        data = msg.data
-        if b'"error"' in data:
-            try:
-                err = json.loads(data)["error"]
-                fut.set_result(f"error {err.get('err_code')}: {err.get('description')}")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                fut.set_result(f"error {data[:200]!r}")
-            return
-        fut.set_result(None)
 
     async def publish(self, topic: str, messages: Sequence[Message]) -> None:
         """Send the batch at once and await every PubAck; resend what was not acknowledged
@@ -477,26 +309,23 @@ class NatsTransport(Transport):
         deadline = loop.time() + self._opts.retry_timeout
         todo = list(range(len(frames)))
         delay = 0.05
-        waiters = self._ack_waiters
+        pubacks = self._pubacks
         while True:
             futures: dict[str, tuple[int, asyncio.Future[str | None]]] = {}
             failure = ""
             try:
                 for i in todo:
-                    self._next_token += 1
-                    token = str(self._next_token)
-                    fut: asyncio.Future[str | None] = loop.create_future()
-                    waiters[token] = fut
-                    futures[token] = (i, fut)
+                    reply, fut = pubacks.expect()
+                    futures[reply] = (i, fut)
                     payload, headers = frames[i]
-                    await nc.publish(subject, payload, self._ack_prefix + token, headers)
+                    await nc.publish(subject, payload, reply, headers)
                 remaining = max(0.01, min(self._opts.timeout, deadline - loop.time()))
                 await asyncio.wait([f for _, f in futures.values()], timeout=remaining)
             except _TRANSIENT as e:
-                failure = f"{type(e).__name__}: {_describe(e)}"
+                failure = f"{type(e).__name__}: {describe(e)}"
             finally:
-                for token in futures:
-                    waiters.pop(token, None)
+                for reply in futures:
+                    pubacks.forget(reply)
             again: list[int] = []
             stream_gone = False
             for i, fut in futures.values():
@@ -636,8 +465,3 @@ class NatsTransport(Transport):
             names += got
             if not got or len(names) >= page.get("total", 0):
                 return names
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e) or ("timed out" if isinstance(e, TimeoutError) else type(e).__name__)
-    return text[:300]

@@ -1,8 +1,10 @@
 """The AMQP connection of :mod:`herald.transports.rabbitmq.transport`: one connection that
 re-establishes itself, and the channels shared by every publish and declaration on it.
 
-:meth:`Link.open` retries an unreachable broker with backoff for ``connect_timeout`` seconds
-before raising :class:`~herald.transports.base.TransportError`; refused credentials fail at once.
+:meth:`Link.open` follows :mod:`herald.transports.connecting`: an unreachable broker is retried
+for ``connect_timeout`` seconds before :class:`~herald.transports.base.TransportError`;
+refused credentials, a virtual host that is missing or closed to the user, and a TLS mismatch
+raise :class:`~herald.transports.base.PermanentTransportError` at once.
 Once open, a watcher task waits for the connection to drop and reconnects in the background
 (0.1 s doubling to 5 s, logged). :attr:`Link.generation` grows with every new connection, so
 holders of channels can tell that theirs belong to a lost one.
@@ -12,16 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import ssl
 from urllib.parse import unquote, urlsplit
 
 import aiormq
 import anyio
 
-from herald.transports.base import TransportError
+from herald.transports.base import PermanentTransportError, TransportError
+from herald.transports.connecting import Endpoint, connect_within, load_tls
 from herald.transports.rabbitmq.options import Options
 
-__all__ = ["GONE", "Link"]
+__all__ = ["GONE", "Link", "refused"]
 
 log = logging.getLogger("herald.transports.rabbitmq")
 
@@ -34,6 +37,19 @@ GONE = (
     asyncio.IncompleteReadError,
     RuntimeError,  # aiormq raises it for writes on a closing transport
 )
+
+
+def refused(
+    options: Options, error: aiormq.exceptions.ChannelAccessRefused, what: str
+) -> PermanentTransportError:
+    """The permanent error for a channel the broker closed because the user lacks a
+    permission (ACCESS_REFUSED: configure, write or read on the object). Retrying such an
+    operation only repeats the refusal."""
+    user = unquote(urlsplit(options.client_url).username or "guest")
+    return PermanentTransportError(
+        f"RabbitMQ at {options.redacted}: user {user!r} may not {what}: {error} (grant it "
+        "configure, write and read permissions on the vhost: rabbitmqctl set_permissions)"
+    )
 
 
 class Link:
@@ -50,40 +66,75 @@ class Link:
         self._topo: aiormq.abc.AbstractChannel | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._chan_lock = asyncio.Lock()
+        self._context: ssl.SSLContext | None = None
 
     def scrub(self, error: BaseException) -> str:
         """``error`` as text for logs and exceptions, with the URL's password removed."""
-        text = f"{type(error).__name__}: {error}"
+        return self._scrub_text(f"{type(error).__name__}: {error}")
+
+    def _scrub_text(self, text: str) -> str:
         password = urlsplit(self.options.client_url).password
         if password:
             text = text.replace(password, "***").replace(unquote(password), "***")
         return text
 
     async def open(self) -> None:
-        """Connect (retrying for ``connect_timeout``) and start the reconnect watcher."""
-        deadline = time.monotonic() + self.options.connect_timeout
-        backoff = 0.1
-        while True:
-            try:
-                await self._connect_once()
-                break
-            except aiormq.exceptions.ProbableAuthenticationError as e:
-                raise TransportError(
-                    f"RabbitMQ at {self.options.redacted} refused the credentials: {self.scrub(e)}"
-                ) from None
-            except (*GONE, OSError, TimeoutError) as e:
-                if time.monotonic() + backoff > deadline:
-                    raise TransportError(
-                        f"cannot connect to RabbitMQ at {self.options.redacted} within "
-                        f"{self.options.connect_timeout:g}s: {self.scrub(e)}"
-                    ) from None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        """Connect within ``connect_timeout`` (:mod:`herald.transports.connecting`) and start
+        the reconnect watcher."""
+        o = self.options
+        self._context = load_tls("RabbitMQ", o.redacted, o.ssl_context)
+        endpoint = Endpoint(
+            engine="RabbitMQ",
+            url=o.redacted,
+            hosts=[o.address],
+            tls=self._context,
+            other_mode="amqps://" if self._context is None else "amqp://",
+            ca_option="cafile",
+            scrub=self._scrub_text,
+        )
+        await connect_within(
+            endpoint,
+            o.connect_timeout,
+            self._first_connect,
+            transient=(*GONE, aiormq.exceptions.ProtocolSyntaxError),
+            quiet=["aiormq", "aio_pika"],
+        )
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _connect_once(self) -> None:
-        timeout = max(1.0, self.options.connect_timeout)
-        conn = await asyncio.wait_for(aiormq.connect(self.options.client_url), timeout)
+    async def _first_connect(self, timeout: float) -> None:
+        """One attempt of :meth:`open`; what retrying cannot fix is permanent."""
+        o = self.options
+        try:
+            await self._connect_once(timeout)
+        except aiormq.exceptions.ProbableAuthenticationError as e:  # 403 ACCESS_REFUSED
+            raise PermanentTransportError(
+                f"RabbitMQ at {o.redacted} refused the login (wrong user name or password?): "
+                f"{self.scrub(e)}"
+            ) from None
+        except aiormq.exceptions.AuthenticationError as e:  # no common SASL mechanism
+            raise PermanentTransportError(
+                f"RabbitMQ at {o.redacted} offers no login mechanism the client has: {e}"
+            ) from None
+        except (aiormq.exceptions.ConnectionNotAllowed, aiormq.exceptions.InvalidFrameError) as e:
+            # aiormq reports the broker's Connection.Close in answer to Connection.Open (the
+            # vhost) as "expected OpenOk, got Close", without the broker's text
+            if isinstance(e, aiormq.exceptions.InvalidFrameError) and not (
+                "OpenOk" in str(e) and "Connection.Close" in str(e)
+            ):
+                raise
+            parts = urlsplit(o.client_url)
+            vhost = unquote(parts.path[1:]) or "/"
+            user = unquote(parts.username or "guest")
+            raise PermanentTransportError(
+                f"RabbitMQ at {o.redacted} refused to open virtual host {vhost!r}: it does not "
+                f"exist, or user {user!r} has no permissions on it (rabbitmqctl list_vhosts; "
+                f"rabbitmqctl list_permissions -p {vhost})"
+            ) from None
+
+    async def _connect_once(self, timeout: float) -> None:
+        conn = await asyncio.wait_for(
+            aiormq.connect(self.options.client_url, context=self._context), timeout
+        )
         self.conn = conn
         self._pub = None
         self._topo = None
@@ -109,7 +160,7 @@ class Link:
             while not self.closed:
                 await asyncio.sleep(backoff)
                 try:
-                    await self._connect_once()
+                    await self._connect_once(max(1.0, self.options.connect_timeout))
                 except (*GONE, OSError, TimeoutError) as e:
                     log.info(
                         "reconnect to %s failed (%s); retrying in %.1fs",

@@ -41,7 +41,7 @@ from pamqp.commands import Basic
 
 from herald.message import Message, new_id
 from herald.transports.base import Delivery, Subscription, TransportError
-from herald.transports.rabbitmq.connection import GONE, Link
+from herald.transports.rabbitmq.connection import GONE, Link, refused
 from herald.transports.rabbitmq.wire import decode
 
 __all__ = ["IDLE_PAUSE", "Owner", "RabbitMQSubscription"]
@@ -235,6 +235,9 @@ class RabbitMQSubscription(Subscription):
         except aiormq.exceptions.ChannelNotFoundEntity:
             self._ch = None
             raise self._gone() from None
+        except aiormq.exceptions.ChannelAccessRefused as e:
+            self._ch = None
+            raise refused(self._link.options, e, f"consume from {self.queue!r}") from None
         except GONE as e:
             log.debug("fetch on %s: channel unavailable (%s)", self.queue, e)
             self._ch = None

@@ -107,11 +107,16 @@ Connection
 ----------
 
 :meth:`RabbitMQTransport.connect` retries an unreachable broker with backoff for
-``connect_timeout`` seconds (URL option, default 10) before raising ``TransportError``; bad
-credentials fail at once. A lost connection is re-established in the background with backoff
-(0.1 s doubling to 5 s, logged); publishes wait for it (up to 60 s) and repeat the unconfirmed
-batch; fetches return ``[]`` meanwhile; acks of deliveries from the lost connection are dropped
-because the broker has already put those messages back.
+``connect_timeout`` seconds (URL option, default 10, the same budget on every transport:
+:mod:`herald.transports.connecting`), then raises one ``TransportError`` naming the URL, the
+budget and the cause. A refused login (ACCESS_REFUSED), a virtual host that does not exist or
+is closed to the user (NOT_ALLOWED) and a TLS mismatch raise ``PermanentTransportError`` at
+once, as does a missing permission (ACCESS_REFUSED on a declare, publish or consume) later:
+retrying cannot fix them. TLS for ``amqps://``: the ``cafile``, ``capath``, ``certfile``,
+``keyfile`` and ``no_verify_ssl`` options. A lost connection is re-established in the
+background with backoff (0.1 s doubling to 5 s, logged); publishes wait for it (up to 60 s)
+and repeat the unconfirmed batch; fetches return ``[]`` meanwhile; acks of deliveries from
+the lost connection are dropped because the broker has already put those messages back.
 
 Modules: this one holds the transport (topology, publish, subscribe, delete);
 ``connection`` the self-healing connection, ``subscription`` the consumer,
@@ -141,7 +146,7 @@ from herald.transports.base import (
     check_topology,
     validate_name,
 )
-from herald.transports.rabbitmq.connection import GONE, Link
+from herald.transports.rabbitmq.connection import GONE, Link, refused
 from herald.transports.rabbitmq.options import Options, parse_url
 from herald.transports.rabbitmq.subscription import RabbitMQSubscription
 from herald.transports.rabbitmq.wire import (
@@ -229,14 +234,17 @@ class RabbitMQTransport(Transport):
         if topic.startswith("amq."):
             raise ValueError(f"topic {topic!r}: names starting 'amq.' are reserved by RabbitMQ")
 
-    async def _declare(self, work: Any) -> None:
+    async def _declare(self, work: Any, what: str) -> None:
         """Run ``work(channel)`` on the topology channel, turning broker refusals into
-        ``TransportError`` (the broker closes the channel; the next call opens another)."""
+        ``TransportError`` (the broker closes the channel; the next call opens another), a
+        missing permission into :class:`PermanentTransportError`."""
         link = self._link_or_fail()
         async with self._topo_lock:
             ch = await link.topo(_PUBLISH_PATIENCE)
             try:
                 await work(ch)
+            except aiormq.exceptions.ChannelAccessRefused as e:
+                raise refused(self._options, e, what) from None
             except aiormq.exceptions.ChannelPreconditionFailed as e:
                 raise _Inequivalent(
                     f"RabbitMQ at {self.url} refused a declaration (an object of that name "
@@ -271,9 +279,9 @@ class RabbitMQTransport(Transport):
                 await ch.exchange_delete(parked)
 
         try:
-            await self._declare(work)
+            await self._declare(work, f"declare the exchanges of topic {topic!r}")
         except _Inequivalent:
-            await self._declare(foreign)
+            await self._declare(foreign, f"use the existing exchange {exchange!r}")
             log.info("exchange %r exists with other settings: using it as it is", exchange)
         self._exchanges.add(topic)
         _created_groups.setdefault(topic, set())
@@ -294,7 +302,7 @@ class RabbitMQTransport(Transport):
                 },
             )
 
-        await self._declare(work)
+        await self._declare(work, f"declare the delay queue {name!r}")
         self._queues.add(name)
         _created_delays.setdefault(topic, set()).add(name)
         return name
@@ -341,6 +349,8 @@ class RabbitMQTransport(Transport):
                 if any(not isinstance(r, Basic.Ack) for r in results):
                     raise TransportError(f"RabbitMQ at {self.url} refused (nacked) a publish")
                 return
+            except aiormq.exceptions.ChannelAccessRefused as e:
+                raise refused(self._options, e, f"publish to {exchange!r}") from None
             except aiormq.exceptions.ChannelNotFoundEntity:
                 # the exchange was deleted under us (delete_topic elsewhere): declare again
                 if ensure_topic is None:
@@ -440,7 +450,7 @@ class RabbitMQTransport(Transport):
             if "#" not in patterns:  # a group re-bound to patterns stops getting everything
                 await ch.queue_unbind(queue, exchange, routing_key="#")
 
-        await self._declare(work)
+        await self._declare(work, f"declare and bind the queue {queue!r}")
         _created_groups.setdefault(topic, set()).add(group)
         if start == "earliest":
             await self._unpark(topic)
@@ -473,7 +483,7 @@ class RabbitMQTransport(Transport):
             last = cast(Basic.GetOk, taken[-1].delivery)
             await ch.basic_ack(last.delivery_tag or 0, multiple=True)
 
-        await self._declare(work)
+        await self._declare(work, f"move the parked messages of topic {topic!r}")
 
     # -- delete ------------------------------------------------------------------------
 
@@ -490,7 +500,7 @@ class RabbitMQTransport(Transport):
             await ch.exchange_delete(exchange_name(topic))
             await ch.exchange_delete(parked)
 
-        await self._declare(work)
+        await self._declare(work, f"delete topic {topic!r}")
         self._exchanges.discard(topic)
         self._queues.difference_update(queues)
         for g in groups:  # the dead-letter and skipped topics Herald made for these groups

@@ -12,11 +12,13 @@ import math
 import os
 import secrets
 import socket
+import ssl as _ssl
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from herald.transports import redact_url
+from herald.transports.connecting import CONNECT_TIMEOUT
 
 __all__ = ["RedisOptions", "consumer_name", "parse_url"]
 
@@ -35,9 +37,26 @@ class RedisOptions:
     maxlen: int | None = None
     max_age: float | None = None
     reconnect_timeout: float = 30.0
-    connect_timeout: float = 5.0
+    connect_timeout: float = CONNECT_TIMEOUT
     socket_timeout: float = 10.0
     ssl: dict[str, Any] = field(default_factory=dict)
+
+    def ssl_context(self) -> _ssl.SSLContext | None:
+        """For ``rediss://``: a TLS context with the settings redis-py applies to its own (so
+        Herald's TLS check before connecting accepts and refuses what redis-py would)."""
+        if not self.tls:
+            return None
+        o = self.ssl
+        modes = {"required": _ssl.CERT_REQUIRED, "optional": _ssl.CERT_OPTIONAL}
+        verify = modes.get(o.get("ssl_cert_reqs", "required"), _ssl.CERT_NONE)
+        ctx = _ssl.create_default_context()
+        ctx.check_hostname = bool(o.get("ssl_check_hostname", True)) and verify != _ssl.CERT_NONE
+        ctx.verify_mode = verify
+        if o.get("ssl_certfile"):
+            ctx.load_cert_chain(str(o["ssl_certfile"]), o.get("ssl_keyfile"))
+        if o.get("ssl_ca_certs"):
+            ctx.load_verify_locations(cafile=o["ssl_ca_certs"])
+        return ctx
 
 
 _SECONDS = {

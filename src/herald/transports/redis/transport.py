@@ -36,7 +36,16 @@ Query options
     ``reconnect_timeout`` (seconds, default 30)
         How long an operation keeps retrying while Redis cannot be reached (restart, failover)
         before it raises :class:`~herald.transports.base.TransportError`.
-    ``connect_timeout`` (seconds, default 5), ``socket_timeout`` (seconds, default 10)
+    ``connect_timeout`` (seconds, default 10)
+        The budget of :meth:`RedisTransport.connect`, the same on every transport
+        (:mod:`herald.transports.connecting`): an unreachable server is retried with backoff
+        within it, then one :class:`~herald.transports.base.TransportError` names the URL,
+        the budget and the cause. Refused credentials (WRONGPASS, NOAUTH), a user without
+        permission (NOPERM: Herald needs INFO at connect and the stream and scripting
+        commands after) and a TLS mismatch raise
+        :class:`~herald.transports.base.PermanentTransportError` at once, as does NOPERM on
+        any later command. Also the TCP connect timeout of later reconnects.
+    ``socket_timeout`` (seconds, default 10)
     ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (paths), ``ssl_cert_reqs`` (``required``
     default, ``optional``, ``none``), ``ssl_check_hostname`` (``true`` default / ``false``):
     TLS settings, ``rediss://`` only.
@@ -122,10 +131,14 @@ from typing import Any, ClassVar, TypeVar
 
 import anyio
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from herald.message import Message
@@ -140,6 +153,7 @@ from herald.transports.base import (
     validate_name,
 )
 from herald.transports.redis import lua
+from herald.transports.redis.connection import open_client, refused
 from herald.transports.redis.options import RedisOptions, parse_url
 from herald.transports.redis.subscription import RedisSubscription
 from herald.transports.redis.wire import (
@@ -148,7 +162,6 @@ from herald.transports.redis.wire import (
     entry_fields,
     execute,
     groups_key,
-    raw_reply,
     retry_key,
 )
 
@@ -161,9 +174,6 @@ T = TypeVar("T")
 #: A publish is split into scripts of at most this many messages / bytes.
 _CHUNK_MESSAGES = 5000
 _CHUNK_BYTES = 4 * 1024 * 1024
-
-#: servers already warned about, in this process, for keeping nothing on disk
-_WARNED: set[tuple[str, int]] = set()
 
 
 class RedisTransport(Transport):
@@ -204,77 +214,18 @@ class RedisTransport(Transport):
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def _new_client(self) -> aioredis.Redis:
-        o = self._options
-        kwargs: dict[str, Any] = {}
-        if o.tls:
-            kwargs["ssl"] = True
-            kwargs.update(o.ssl)
-        client = aioredis.Redis(
-            host=o.host,
-            port=o.port,
-            db=o.db,
-            username=o.username,
-            password=o.password,
-            socket_connect_timeout=o.connect_timeout,
-            socket_timeout=o.socket_timeout,
-            retry=Retry(NoBackoff(), 0),  # retries are ours (_call), bounded by time
-            protocol=2,
-            decode_responses=False,
-            **kwargs,
-        )
-        # Raw replies: the hot path converts them itself.
-        callbacks: Any = client  # typeshed-less: redis-py's callback protocol is loose
-        callbacks.set_response_callback("XREADGROUP", raw_reply)
-        return client
-
     async def connect(self) -> None:
-        """Connect and check the server; :class:`TransportError` (password redacted) if Redis
-        cannot be reached, refuses the credentials or is older than 6.2."""
+        """Connect and check the server within ``connect_timeout``
+        (:mod:`herald.transports.redis.connection`)."""
         if self._closed:
             raise TransportError(f"redis transport for {self._url} is closed")
         if self._client is not None:
             return
-        client = self._new_client()
-        try:
-            with anyio.fail_after(self._options.connect_timeout + self._options.socket_timeout):
-                info = await client.info("server")
-                version = str(info.get("redis_version", "0"))
-                major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
-                if major_minor < (6, 2):
-                    raise TransportError(
-                        f"redis at {self._url} is version {version}; Herald needs 6.2 or later"
-                    )
-                await self._warn_if_volatile(client)
-        except TransportError:
-            await client.aclose()
-            raise
-        except (RedisError, OSError, TimeoutError) as e:
-            await client.aclose()
-            raise TransportError(
-                f"cannot connect to redis at {self._url}: {self._clean(e)}"
-            ) from None
+        client = await open_client(self._options, self._url, self._clean_text)
         if self._client is not None or self._closed:  # a concurrent connect() won
             await client.aclose()
             return
         self._client = client
-
-    async def _warn_if_volatile(self, client: aioredis.Redis) -> None:
-        try:
-            config: dict[Any, Any] = dict(await client.config_get("appendonly"))
-            config.update(await client.config_get("save"))
-        except RedisError:
-            return  # CONFIG may be disabled (managed Redis); nothing to say then
-        appendonly = config.get(b"appendonly", config.get("appendonly"))
-        save = config.get(b"save", config.get("save"))
-        server = (self._options.host, self._options.port)
-        if appendonly in (b"no", "no") and save in (b"", "") and server not in _WARNED:
-            _WARNED.add(server)  # once per server and process
-            log.warning(
-                'redis at %s keeps nothing on disk (appendonly no, save ""): a restart of '
-                "the server loses every message",
-                self._url,
-            )
 
     async def close(self) -> None:
         """Close every subscription (releasing unacked deliveries) and the connections."""
@@ -292,7 +243,9 @@ class RedisTransport(Transport):
                 await client.aclose()
 
     def _clean(self, e: BaseException) -> str:
-        text = str(e) or type(e).__name__
+        return self._clean_text(str(e) or type(e).__name__)
+
+    def _clean_text(self, text: str) -> str:
         password = self._options.password
         if password:
             text = text.replace(password, "***")
@@ -314,6 +267,10 @@ class RedisTransport(Transport):
             client = self._require()
             try:
                 return await op(client)
+            except (AuthenticationError, NoPermissionError) as e:
+                permanent = refused(self._url, e, what, self._clean_text)
+                assert permanent is not None
+                raise permanent from None
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
                 now = time.monotonic()
                 if failing_since is None:

@@ -78,6 +78,7 @@ import msgspec
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    PermanentTransportError,
     Start,
     Transport,
     TransportError,
@@ -176,8 +177,10 @@ class SqliteTransport(Transport):
     # --- lifecycle -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open (creating if needed) the database; raise :class:`TransportError` naming the
-        path if it cannot be created, is not a Herald SQLite database, or stays locked."""
+        """Open (creating if needed) the database. Raise :class:`PermanentTransportError`
+        naming the path if it cannot be opened (missing directory, a directory, not writable),
+        is not a SQLite database or not a Herald one; :class:`TransportError` if it stays
+        locked past ``busy_timeout``."""
         if self._closed:
             raise TransportError(f"sqlite transport for {self.path!r} is closed")
         if self._conn is None:
@@ -191,7 +194,7 @@ class SqliteTransport(Transport):
         opts = self._options
         directory = os.path.dirname(os.path.abspath(opts.path))
         if not os.path.isdir(directory):
-            raise TransportError(
+            raise PermanentTransportError(
                 f"cannot open sqlite database {opts.path!r}: directory {directory!r} does not exist"
             )
         conn: sqlite3.Connection | None = None
@@ -204,7 +207,7 @@ class SqliteTransport(Transport):
             )
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
-                raise TransportError(
+                raise PermanentTransportError(
                     f"sqlite database {opts.path!r} cannot use WAL mode (got {mode!r}); "
                     "is it on a network file system?"
                 )
@@ -229,14 +232,14 @@ class SqliteTransport(Transport):
             # Read again under the write lock: another process may have just created it.
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, _SCHEMA_VERSION):
-                raise TransportError(
+                raise PermanentTransportError(
                     f"sqlite database {path!r} has Herald schema version {version}; "
                     f"this Herald reads version {_SCHEMA_VERSION}"
                 )
             if version == 0:
                 names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
                 if names - {"messages", "groups", "leases", "sqlite_sequence", "messages_topic"}:
-                    raise TransportError(
+                    raise PermanentTransportError(
                         f"sqlite database {path!r} already holds other tables; "
                         "give Herald a file of its own"
                     )
@@ -283,10 +286,14 @@ class SqliteTransport(Transport):
                 f" (still locked after busy_timeout={self._options.busy_timeout:g}s: another "
                 "connection holds a long write transaction)"
             )
-        elif "not a database" in text:
-            hint = " (the file exists but is not a SQLite database)"
-        elif "unable to open" in text or "readonly" in text:
-            hint = " (check that the file and its directory are writable)"
+        elif "not a database" in text or "unable to open" in text or "readonly" in text:
+            # the file is not a database, a directory, or not writable: retrying cannot help
+            hint = (
+                " (the file exists but is not a SQLite database)"
+                if "not a database" in text
+                else " (check that the path is a file and it and its directory are writable)"
+            )
+            return PermanentTransportError(f"sqlite {action} failed on {self.path!r}: {text}{hint}")
         return TransportError(f"sqlite {action} failed on {self.path!r}: {text}{hint}")
 
     def _check_connected(self) -> None:

@@ -165,9 +165,8 @@ class MqttTransport(Transport):
 
     async def connect(self) -> None:
         """Open the publishing connection; TransportError (URL redacted) if the broker cannot
-        be reached after ``connect_retries`` attempts."""
-        if self._closed:
-            raise TransportError(f"MQTT transport {self.url} is closed")
+        be reached after ``connect_retries`` attempts. After :meth:`close` it connects again."""
+        self._closed = False
         if self._pub is None:
             await self._publisher()
 

@@ -188,6 +188,8 @@ class RedisTransport(Transport):
         #: delayed one, so local members of the group look (claim) again at once.
         self._kicks: dict[tuple[str, str], int] = {}
         self._closed = False
+        #: bumped by close(): a connect() that was under way meanwhile drops its client
+        self._generation = 0
 
     @classmethod
     def from_url(cls, url: str) -> RedisTransport:
@@ -228,11 +230,12 @@ class RedisTransport(Transport):
 
     async def connect(self) -> None:
         """Connect and check the server; :class:`TransportError` (password redacted) if Redis
-        cannot be reached, refuses the credentials or is older than 6.2."""
-        if self._closed:
-            raise TransportError(f"redis transport for {self._url} is closed")
+        cannot be reached, refuses the credentials or is older than 6.2. After :meth:`close`
+        it connects again."""
         if self._client is not None:
             return
+        self._closed = False
+        generation = self._generation
         client = self._new_client()
         try:
             with anyio.fail_after(self._options.connect_timeout + self._options.socket_timeout):
@@ -252,8 +255,8 @@ class RedisTransport(Transport):
             raise TransportError(
                 f"cannot connect to redis at {self._url}: {self._clean(e)}"
             ) from None
-        if self._client is not None or self._closed:  # a concurrent connect() won
-            await client.aclose()
+        if self._client is not None or self._generation != generation:
+            await client.aclose()  # a concurrent connect() won, or close() ran meanwhile
             return
         self._client = client
 
@@ -279,6 +282,7 @@ class RedisTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        self._generation += 1
         with anyio.CancelScope(shield=True):
             for sub in list(self._subscriptions):
                 try:

@@ -19,6 +19,8 @@ import pytest
 
 from herald import App
 
+from .worker import SRC
+
 SERVICE = textwrap.dedent(
     """
     import os, time
@@ -47,6 +49,8 @@ def start_worker(tmp_path: Path, url: str, grace: float, work: float) -> subproc
         "BROKER": url,
         "GRACE": str(grace),
         "WORK_SECONDS": str(work),
+        # this checkout's herald, not whichever one the interpreter finds from tmp_path
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
     herald = Path(sys.executable).with_name("herald")
     return subprocess.Popen(

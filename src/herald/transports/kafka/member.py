@@ -22,6 +22,7 @@ offsets uncommitted, so a restart re-reads them and still honours ``due_at``.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
@@ -213,6 +214,8 @@ class GroupMember:
     async def _stop_consumer(self) -> None:
         if self.consumer is not None:
             consumer, self.consumer = self.consumer, None
+            if not self._assigned_once.is_set():
+                await _abandon_join(consumer)
             try:
                 await consumer.stop()
             except KafkaError as e:  # leaving is best effort: the session times out anyway
@@ -486,6 +489,19 @@ class GroupMember:
         await self.transport.produce(self.retry_topic, [m], extra)
         self.mark_acked([delivery])
         await self.flush()
+
+
+async def _abandon_join(consumer: AIOKafkaConsumer) -> None:
+    """End a join still under way, so ``stop()`` returns at once. aiokafka's ``stop()`` first
+    lets the coordination task finish its pending work, which includes a JoinGroup the broker
+    may hold for up to the rebalance timeout (Tansu holds every join for half the session
+    timeout); a worker told to stop while joining would wait that long. Nothing is lost: the
+    member has no partitions yet, and the broker forgets the pending join at session timeout."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    task = getattr(coordinator, "_coordination_task", None)
+    if isinstance(task, asyncio.Task) and not task.done():
+        task.cancel()
+        await asyncio.wait([task])  # finished, its CancelledError not re-raised here
 
 
 def _tp(r: ConsumerRecord[bytes, bytes]) -> TopicPartition:

@@ -5,7 +5,8 @@ shared by every local subscription of that pair
 (:class:`~herald.transports.kafka.subscription.KafkaSubscription`): local subscriptions compete
 for the member's records in memory (no rebalance per local subscriber), and the member leaves the
 Kafka group when the last local subscription closes. The member consumes the topic and the
-group's retry topic ``<topic>.<group>.retry`` together.
+group's retry topic ``<topic>.<group>.retry`` together, in the Kafka consumer group
+``<group>:<topic>`` (one per topic: :mod:`herald.transports.kafka.groups` says why).
 
 Commits never skip: each assigned partition has a
 :class:`~herald.transports.kafka.offsets.PartitionTracker`; acks move its committed offset over
@@ -22,7 +23,6 @@ offsets uncommitted, so a restart re-reads them and still honours ``due_at``.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 import logging
@@ -44,6 +44,12 @@ from aiokafka.structs import OffsetAndMetadata  # type: ignore[import-untyped]
 
 from herald.message import Message
 from herald.transports.base import Delivery, Start, Subscription, TransportError, by_topic
+from herald.transports.kafka.groups import (
+    abandon_join,
+    committed_offsets,
+    group_id,
+    legacy_offsets,
+)
 from herald.transports.kafka.offsets import OffsetToken, PartitionTracker
 from herald.transports.kafka.transactions import KafkaTransactions
 from herald.transports.kafka.wire import (
@@ -111,6 +117,8 @@ class GroupMember:
         self.transport = transport
         self.topic = topic
         self.group = group
+        #: the Kafka consumer group id (see :mod:`herald.transports.kafka.groups`)
+        self.group_id = group_id(group, topic)
         self.retry_topic = retry_topic(topic, group)
         self.start = start
         self.subs: set[Subscription] = set()  # the local ones, each a KafkaSubscription
@@ -171,7 +179,7 @@ class GroupMember:
     async def _join(self) -> None:
         t = self.transport
         self.consumer = AIOKafkaConsumer(
-            group_id=self.group,
+            group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset=self.start,
             **t.consumer_options(),
@@ -191,6 +199,7 @@ class GroupMember:
                 anchor[tp] = OffsetAndMetadata(tr.committed, "")
         if anchor:
             await self.consumer.commit(anchor)
+        await self.flush()  # offsets adopted from the group's old id (on_assigned)
 
     def _join_error(self) -> TransportError:
         t = self.transport
@@ -215,7 +224,7 @@ class GroupMember:
         if self.consumer is not None:
             consumer, self.consumer = self.consumer, None
             if not self._assigned_once.is_set():
-                await _abandon_join(consumer)
+                await abandon_join(consumer)
             try:
                 await consumer.stop()
             except KafkaError as e:  # leaving is best effort: the session times out anyway
@@ -245,6 +254,12 @@ class GroupMember:
         self._drop_all_but(set(kept))
         fresh = [tp for tp in assigned if tp not in kept]
         committed = await self._committed(fresh) if fresh else {}
+        never = [tp for tp in fresh if tp not in committed or committed[tp].offset < 0]
+        adopted = (
+            await legacy_offsets(self.transport.consumer_options(), self.group, never)
+            if never
+            else {}
+        )
         remembered = self.transport.recall_metadata(self.topic, self.group)
         assert self.consumer is not None
         for tp, tr in kept.items():
@@ -253,29 +268,24 @@ class GroupMember:
                 self.consumer.seek(tp, tr.fetched_to)  # keep in-flight state, re-read nothing
         for tp in fresh:
             om = committed.get(tp)
+            old = adopted.get(tp)
+            if old is not None:  # committed by a Herald that used the bare group name
+                om = old
+                self.consumer.seek(tp, old.offset)
             offset = om.offset if om is not None and om.offset >= 0 else None
             meta = om.metadata if om is not None else None
             if not meta and tp in remembered and remembered[tp][0] == offset:
                 meta = remembered[tp][1]  # this process left it; the broker dropped the metadata
-            self.trackers[tp] = PartitionTracker(tp, offset, meta)
+            tr = self.trackers[tp] = PartitionTracker(tp, offset, meta)
+            if old is not None:
+                tr.dirty = True  # committed under the new id by the next flush
+                self._dirty_seq += 1
         self._assigned_once.set()
         self._notify()
 
     async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, Any]:
-        """Committed offsets *with* their metadata. aiokafka's public ``committed()`` returns
-        only the offset; the coordinator call it wraps returns both."""
         assert self.consumer is not None
-        coordinator = getattr(self.consumer, "_coordinator", None)
-        fetch = getattr(coordinator, "fetch_committed_offsets", None)
-        if fetch is not None:
-            result: dict[TopicPartition, Any] = await fetch(tps)
-            return result
-        out: dict[TopicPartition, Any] = {}
-        for tp in tps:  # pragma: no cover - fallback for an aiokafka without it
-            off = await self.consumer.committed(tp)
-            if off is not None:
-                out[tp] = OffsetAndMetadata(off, "")
-        return out
+        return await committed_offsets(self.consumer, tps)
 
     def _drop_all_but(self, live: set[TopicPartition]) -> None:
         self._again = deque(x for x in self._again if not x[2].tracker.revoked)
@@ -475,7 +485,7 @@ class GroupMember:
         for tok in tokens:
             acking.setdefault(tok.tracker, []).append(tok.offset)
         async with self._commit_lock:  # no plain commit of the same partitions in between
-            await self.transport.transactions.run(batches, self._offsets(acking), self.group)
+            await self.transport.transactions.run(batches, self._offsets(acking), self.group_id)
         self.mark_acked(deliveries)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
@@ -489,19 +499,6 @@ class GroupMember:
         await self.transport.produce(self.retry_topic, [m], extra)
         self.mark_acked([delivery])
         await self.flush()
-
-
-async def _abandon_join(consumer: AIOKafkaConsumer) -> None:
-    """End a join still under way, so ``stop()`` returns at once. aiokafka's ``stop()`` first
-    lets the coordination task finish its pending work, which includes a JoinGroup the broker
-    may hold for up to the rebalance timeout (Tansu holds every join for half the session
-    timeout); a worker told to stop while joining would wait that long. Nothing is lost: the
-    member has no partitions yet, and the broker forgets the pending join at session timeout."""
-    coordinator = getattr(consumer, "_coordinator", None)
-    task = getattr(coordinator, "_coordination_task", None)
-    if isinstance(task, asyncio.Task) and not task.done():
-        task.cancel()
-        await asyncio.wait([task])  # finished, its CancelledError not re-raised here
 
 
 def _tp(r: ConsumerRecord[bytes, bytes]) -> TopicPartition:

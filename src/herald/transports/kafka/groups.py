@@ -84,7 +84,15 @@ async def legacy_offsets(
     finally:
         with anyio.CancelScope(shield=True):
             await consumer.stop()
-    return {tp: om for tp, om in found.items() if om is not None and om.offset >= 0}
+    adopted = {tp: om for tp, om in found.items() if om is not None and om.offset >= 0}
+    if adopted:
+        log.info(
+            "group %s: starting where its old Kafka group id %r committed: %s",
+            group,
+            group,
+            ", ".join(f"{tp.topic}[{tp.partition}]@{om.offset}" for tp, om in adopted.items()),
+        )
+    return adopted
 
 
 async def abandon_join(consumer: AIOKafkaConsumer) -> None:

@@ -253,7 +253,8 @@ class GroupMember:
         # owns it from its committed offset; a kept partition keeps its buffer (we seek past it)
         self._drop_all_but(set(kept))
         fresh = [tp for tp in assigned if tp not in kept]
-        committed = await self._committed(fresh) if fresh else {}
+        assert self.consumer is not None
+        committed = await committed_offsets(self.consumer, fresh) if fresh else {}
         never = [tp for tp in fresh if tp not in committed or committed[tp].offset < 0]
         adopted = (
             await legacy_offsets(self.transport.consumer_options(), self.group, never)
@@ -283,10 +284,6 @@ class GroupMember:
         self._assigned_once.set()
         self._notify()
 
-    async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, Any]:
-        assert self.consumer is not None
-        return await committed_offsets(self.consumer, tps)
-
     def _drop_all_but(self, live: set[TopicPartition]) -> None:
         self._again = deque(x for x in self._again if not x[2].tracker.revoked)
         self._buffer = deque(x for x in self._buffer if x[0] in live)
@@ -306,7 +303,12 @@ class GroupMember:
         ready: list[list[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]]] = []
         for tp, records in batches.items():
             tr = self.trackers.get(tp)
-            if tr is None:  # revoked while the fetch was in flight: the new owner reads them
+            if tr is None:
+                # revoked while the fetch was in flight: the new owner reads them; or assigned
+                # while on_assigned is still making its tracker: read them again after it (the
+                # anchoring of a new group would otherwise commit past them)
+                if records and self.consumer is not None and tp in self.consumer.assignment():
+                    self.consumer.seek(tp, records[0].offset)
                 continue
             retry = tp.topic == self.retry_topic
             mine = []

@@ -8,14 +8,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-import anyio
 import pytest
 
-from herald import App
-
-from .worker import SRC, herald_run
+from .worker import HERALD, checkout_env, herald_run
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -24,8 +20,7 @@ EXAMPLES = ROOT / "examples"
 def run_example(
     name: str, *args: str, broker: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    env = checkout_env({"PYTHONIOENCODING": "utf-8"})
     env.pop("HERALD_BROKER", None)
     if broker is not None:
         env["HERALD_BROKER"] = broker
@@ -39,15 +34,14 @@ def run_example(
     )
 
 
-def publish(url: str, topic: str, payload: dict[str, Any], type_: str, key: str) -> None:
-    """Publish as another service would: a JSON event with its type name, nothing shared with
-    the example's code."""
-
-    async def send() -> None:
-        async with App("feeder", broker=url) as feeder:
-            await feeder.publish(topic, payload, key=key, type=type_)
-
-    anyio.run(send)
+def herald_publish(url: str, type_: str, topic: str, payload: str, *key: str) -> None:
+    """Feed a worker the way the example's docstring says: ``herald publish``."""
+    env = checkout_env()
+    args = ["publish", "--broker", url, "--type", type_, *(("--key", *key) if key else ()), topic]
+    done = subprocess.run(
+        [str(HERALD), *args, payload], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
 
 
 # --- as scripts ---------------------------------------------------------------------------------
@@ -139,8 +133,8 @@ def test_user_registration_as_a_worker(tmp_path: Path) -> None:
         "examples.user_registration:app", ROOT, tmp_path, {"HERALD_BROKER": url}
     ) as worker:
         worker.wait_started()
-        user = {"user_id": "u9", "name": "Ana", "email": "ana@example.com", "country": "PT"}
-        publish(url, "users", user, "UserRegistered", "u9")
+        user = '{"user_id": "u9", "name": "Ana", "email": "ana@example.com", "country": "PT"}'
+        herald_publish(url, "UserRegistered", "users", user)
         worker.wait_for("coupon WELCOME-U9 sent to ana@example.com")
         assert worker.stop() == 0, worker.stderr
     out = worker.stdout
@@ -153,8 +147,8 @@ def test_iot_alerts_as_a_worker(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'iot.db'}"
     with herald_run("examples.iot_alerts:app", ROOT, tmp_path, {"HERALD_BROKER": url}) as worker:
         worker.wait_started()
-        reading = {"sensor_id": "srv-9", "zone": "server-room", "celsius": 41.5}
-        publish(url, "readings", reading, "Reading", "srv-9")
+        reading = '{"sensor_id": "srv-9", "zone": "server-room", "celsius": 41.5}'
+        herald_publish(url, "Reading", "readings", reading, "srv-9")
         worker.wait_for("PAGE  on-call engineer: server-room/srv-9 is at 41.5 °C")
         assert worker.stop() == 0, worker.stderr
     assert "ALERT [critical] server-room/srv-9: 41.5 °C" in worker.stdout

@@ -4,7 +4,6 @@ aio-pika client both ways, routing-key bindings, broker restart recovery, delete
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from herald.transports.rabbitmq.options import parse_url
 from herald.transports.rabbitmq.registry import registry_queue
 from herald.transports.rabbitmq.wire import delay_bucket, delay_queue, group_queue, parked_name
 
-from .worker import SRC
+from .worker import checkout_env
 
 pytestmark = pytest.mark.anyio
 URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -396,7 +395,7 @@ async def test_delete_topic_from_a_fresh_process_finds_everything() -> None:
     topic, group = unique_name("fresh"), unique_name("g")
     made = subprocess.run(
         [sys.executable, "-c", CREATE_IN_ANOTHER_PROCESS, URL, topic, group],
-        env={**os.environ, "PYTHONPATH": str(SRC)},
+        env=checkout_env(),
         capture_output=True,
         text=True,
         timeout=60,

@@ -3,16 +3,12 @@ worker under ``herald run shop:app`` fed by another process."""
 
 from __future__ import annotations
 
-import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import anyio
-
-from herald import App
-
-from .worker import SRC, herald_run
+from .worker import HERALD, checkout_env, herald_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -27,10 +23,7 @@ def save_quickstart(directory: Path) -> Path:
 
 def test_readme_quickstart_runs(tmp_path: Path) -> None:
     script = save_quickstart(tmp_path)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = checkout_env()
     done = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
@@ -46,16 +39,23 @@ def test_readme_quickstart_runs(tmp_path: Path) -> None:
 
 
 def test_readme_quickstart_under_herald_run(tmp_path: Path) -> None:
+    """The worker, fed by the README's own ``herald publish`` command."""
     save_quickstart(tmp_path)
-    url = f"sqlite:///{tmp_path / 'shop.db'}"  # where the example's relative URL points
-
-    async def order() -> None:
-        async with App("frontend", broker=url) as frontend:
-            await frontend.publish("orders", {"order_id": "o-2", "amount": 5.0}, type="OrderPlaced")
-
+    text = README.read_text().split("## 30 seconds", 1)[1]
+    feed = text.split("```bash", 1)[1].split("```", 1)[0].strip()
+    assert feed.startswith("herald publish ")
+    env = checkout_env()
     with herald_run("shop:app", tmp_path, tmp_path) as worker:
         worker.wait_started()
-        anyio.run(order)
+        done = subprocess.run(
+            [str(HERALD), *shlex.split(feed)[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
         worker.wait_for("inventory: reserving stock for o-2")
         worker.wait_for("billing: charging 5.0 for o-2")
         assert worker.stop() == 0, worker.stderr

@@ -23,6 +23,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 STARTED = "started on"
 
 
+def checkout_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus ``extra``, with this checkout's ``src/`` first on the
+    path of a Python subprocess."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    return env
+
+
 class Worker:
     """A running ``herald run`` process."""
 
@@ -73,8 +81,7 @@ def herald_run(
     """Start ``herald run target`` in ``cwd`` (output files in ``logs``); kill it on exit if
     the test left it running."""
     out, err = logs / "worker.out", logs / "worker.err"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(SRC), full_env.get("PYTHONPATH", "")])
+    full_env = checkout_env({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", **(env or {})})
     with out.open("wb") as out_file, err.open("wb") as err_file:
         proc = subprocess.Popen(
             [str(HERALD), "run", target],

@@ -180,11 +180,13 @@ SERVICE = textwrap.dedent(
 
 
 def sigterm_while_starting(tmp_path: Path, url: str, wait_for: str, t: str) -> None:
-    """Run a worker on ``url``, send SIGTERM once ``wait_for`` is in its log (or after 1 s),
-    and check it exits within a few seconds, with rc 0 and Herald's one line saying so."""
+    """Run a worker on ``url``, send SIGTERM 1 s after it began starting (and once
+    ``wait_for`` is in its log), and check it exits within a few seconds, with rc 0 and
+    Herald's one line saying so."""
     (tmp_path / "svc_module.py").write_text(SERVICE)
     env = {"BROKER": url, "TOPIC": t, "GROUP": unique_name("g")}
     with herald_run("svc_module:app", tmp_path, tmp_path, env) as worker:
+        worker.wait_for("svc starting on", stream="stderr")
         time.sleep(1)
         if wait_for:
             worker.wait_for(wait_for, stream="stderr")
@@ -202,8 +204,15 @@ def sigterm_while_starting(tmp_path: Path, url: str, wait_for: str, t: str) -> N
     assert "started on" not in log
 
 
-def test_sigterm_while_connecting_to_an_unreachable_kafka(tmp_path: Path) -> None:
-    sigterm_while_starting(tmp_path, unreachable_kafka(), "", "t")
+@pytest.mark.parametrize("engine", ["kafka", "rabbitmq"])
+def test_sigterm_while_connecting_to_an_unreachable_broker(tmp_path: Path, engine: str) -> None:
+    """Both retry an unreachable broker for ``connect_timeout`` (30 s here)."""
+    port = free_port()
+    url = {
+        "kafka": f"kafka://127.0.0.1:{port}?connect_timeout=30",
+        "rabbitmq": f"amqp://guest:guest@127.0.0.1:{port}/?connect_timeout=30",
+    }[engine]
+    sigterm_while_starting(tmp_path, url, "", "t")
 
 
 def test_sigterm_while_joining_a_kafka_group(tmp_path: Path) -> None:
@@ -212,3 +221,21 @@ def test_sigterm_while_joining_a_kafka_group(tmp_path: Path) -> None:
     t = topic()
     url = f"{BROKERS['kafka']}?session_timeout_ms=60000&rebalance_timeout_ms=60000"
     sigterm_while_starting(tmp_path, url, "joining group", t)  # topic() cleans up after
+
+
+def test_sigterm_while_importing_the_app(tmp_path: Path) -> None:
+    """Before the app runs (its module still importing), SIGTERM ends the worker cleanly too,
+    rather than killing it with the signal."""
+    (tmp_path / "slow_module.py").write_text(
+        "import time\nprint('importing', flush=True)\ntime.sleep(30)\n"
+        "from herald import App\napp = App('slow', broker='memory://')\n"
+    )
+    with herald_run("slow_module:app", tmp_path, tmp_path) as worker:
+        worker.wait_for("importing")
+        t0 = time.monotonic()
+        rc = worker.stop(timeout=20)
+        took = time.monotonic() - t0
+    assert rc == 0, worker.stderr
+    assert took < 5
+    assert "slow_module:app: received SIGTERM while starting; stopped" in worker.stderr
+    assert "Traceback" not in worker.stderr

@@ -30,7 +30,8 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 import anyio
@@ -40,7 +41,7 @@ from herald.inbox import InboxStore
 from herald.middleware.dedupe import Dedupe
 from herald.transports.base import Transport
 
-__all__ = ["Lifecycle", "StartAborted"]
+__all__ = ["Lifecycle", "StartAborted", "stop_signals_abort_start"]
 
 log = logging.getLogger("herald")
 
@@ -164,6 +165,7 @@ class Lifecycle:
     async def _supervise(self, run: _Run) -> None:
         owner = self._owner
         hooks_ran = False
+        log.info("%s starting on %s", owner.name, owner.transport.url)
         try:
             with run.scope:
                 await owner.transport.connect()
@@ -298,6 +300,23 @@ class Lifecycle:
         gc.freeze()
         await run.stopping.wait()  # a signal, or the supervisor ended on its own
         await self.stop()
+
+
+@contextmanager
+def stop_signals_abort_start() -> Iterator[None]:
+    """While a worker process is still importing its app and setting up (before
+    :meth:`Lifecycle.serve` takes SIGINT/SIGTERM over), make those signals raise
+    :class:`StartAborted` instead of killing the process, so the caller exits cleanly."""
+
+    def abort(signum: int, frame: object) -> None:
+        raise StartAborted(f"received {signal.Signals(signum).name} while starting")
+
+    previous = {s: signal.signal(s, abort) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class _Run:

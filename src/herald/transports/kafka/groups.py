@@ -67,12 +67,19 @@ async def committed_offsets(
 
 
 async def legacy_offsets(
-    options: dict[str, Any], group: str, tps: list[TopicPartition]
+    options: dict[str, Any],
+    group: str,
+    fresh: list[TopicPartition],
+    committed: dict[TopicPartition, Any],
 ) -> dict[TopicPartition, Any]:
-    """What a Herald that used the bare group name committed for ``tps``: a group client
-    that never subscribes reads the offsets without joining that group. Best effort: on an
-    error or past a time limit it logs a warning and returns nothing. ``options``: the
-    transport's consumer options."""
+    """For the ``fresh`` partitions that ``committed`` (the new group id's offsets) has no
+    offset for: what a Herald that used the bare group name committed. A group client that
+    never subscribes reads them without joining that group. Best effort: on an error or past
+    a time limit it logs a warning and returns nothing. ``options``: the transport's consumer
+    options."""
+    tps = [tp for tp in fresh if committed.get(tp) is None or committed[tp].offset < 0]
+    if not tps:
+        return {}
     consumer = AIOKafkaConsumer(group_id=group, enable_auto_commit=False, **options)
     try:
         with anyio.fail_after(_LEGACY_TIMEOUT):

@@ -117,8 +117,7 @@ class GroupMember:
         self.transport = transport
         self.topic = topic
         self.group = group
-        #: the Kafka consumer group id (see :mod:`herald.transports.kafka.groups`)
-        self.group_id = group_id(group, topic)
+        self.group_id = group_id(group, topic)  # the Kafka group id: kafka/groups.py
         self.retry_topic = retry_topic(topic, group)
         self.start = start
         self.subs: set[Subscription] = set()  # the local ones, each a KafkaSubscription
@@ -255,32 +254,23 @@ class GroupMember:
         fresh = [tp for tp in assigned if tp not in kept]
         assert self.consumer is not None
         committed = await committed_offsets(self.consumer, fresh) if fresh else {}
-        never = [tp for tp in fresh if tp not in committed or committed[tp].offset < 0]
-        adopted = (
-            await legacy_offsets(self.transport.consumer_options(), self.group, never)
-            if never
-            else {}
-        )
+        options = self.transport.consumer_options()
+        adopted = await legacy_offsets(options, self.group, fresh, committed)
         remembered = self.transport.recall_metadata(self.topic, self.group)
-        assert self.consumer is not None
         for tp, tr in kept.items():
             self.trackers[tp] = tr
             if tr.fetched_to is not None:
                 self.consumer.seek(tp, tr.fetched_to)  # keep in-flight state, re-read nothing
         for tp in fresh:
-            om = committed.get(tp)
-            old = adopted.get(tp)
-            if old is not None:  # committed by a Herald that used the bare group name
-                om = old
-                self.consumer.seek(tp, old.offset)
+            om = adopted.get(tp) or committed.get(tp)
             offset = om.offset if om is not None and om.offset >= 0 else None
             meta = om.metadata if om is not None else None
             if not meta and tp in remembered and remembered[tp][0] == offset:
                 meta = remembered[tp][1]  # this process left it; the broker dropped the metadata
             tr = self.trackers[tp] = PartitionTracker(tp, offset, meta)
-            if old is not None:
-                tr.dirty = True  # committed under the new id by the next flush
-                self._dirty_seq += 1
+            if tp in adopted:  # committed under the bare group name: start there, and commit
+                self.consumer.seek(tp, adopted[tp].offset)  # it under the new id next flush
+                tr.dirty, self._dirty_seq = True, self._dirty_seq + 1
         self._assigned_once.set()
         self._notify()
 
@@ -304,9 +294,8 @@ class GroupMember:
         for tp, records in batches.items():
             tr = self.trackers.get(tp)
             if tr is None:
-                # revoked while the fetch was in flight: the new owner reads them; or assigned
-                # while on_assigned is still making its tracker: read them again after it (the
-                # anchoring of a new group would otherwise commit past them)
+                # revoked while the fetch was in flight (the new owner reads them), or on_assigned
+                # has not made its tracker yet: read them again (anchoring would skip them)
                 if records and self.consumer is not None and tp in self.consumer.assignment():
                     self.consumer.seek(tp, records[0].offset)
                 continue

@@ -6,10 +6,16 @@ and publishes an ``Alert`` to ``alerts`` when it is too hot, with the severity i
 Two groups consume the alerts: ``dashboard`` shows every one, while ``pager`` uses
 ``filter=`` to wake someone only for critical alerts, without even decoding the others.
 
-Run it::
+Run it as a script: it simulates 120 readings, waits until every alert is shown, and exits::
 
     python examples/iot_alerts.py                  # in-process bus (memory://)
-    python examples/iot_alerts.py sqlite:///iot.db
+    HERALD_BROKER=sqlite:///iot.db python examples/iot_alerts.py
+
+or as a long-running worker on a broker other processes reach, fed from another terminal::
+
+    HERALD_BROKER=sqlite:///iot.db herald run examples.iot_alerts:app
+    herald publish --broker sqlite:///iot.db --type Reading --key srv-1 readings \
+        '{"sensor_id": "srv-1", "zone": "server-room", "celsius": 41.5}'
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class Alert:
 THRESHOLDS = {"server-room": 30.0, "greenhouse": 38.0, "freezer": -15.0}
 CRITICAL_MARGIN = 5.0  # degrees over the threshold that make an alert critical
 
-BROKER = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("HERALD_BROKER", "memory://")
+# read at import, so `herald run examples.iot_alerts:app` builds the same app
+BROKER = os.environ.get("HERALD_BROKER", "memory://")
 app = App("iot", broker=BROKER)
 counts: Counter[str] = Counter()  # checked, warning, critical, shown, paged
 

@@ -5,11 +5,16 @@ of every event. The welcome e-mail, the audit log and the coupon service never c
 messages, and a slow or failing one holds back none of the others. The coupon handler's return
 value is published to ``coupons`` by ``@app.publisher``, and the e-mail service sends it on.
 
-Run it::
+Run it as a script: it registers three users, waits until every handler saw them, and exits::
 
     python examples/user_registration.py                  # in-process bus (memory://)
-    python examples/user_registration.py sqlite:///users.db
     HERALD_BROKER=sqlite:///users.db python examples/user_registration.py
+
+or as a long-running worker on a broker other processes reach, fed from another terminal::
+
+    HERALD_BROKER=sqlite:///users.db herald run examples.user_registration:app
+    herald publish --broker sqlite:///users.db --type UserRegistered users \
+        '{"user_id": "u4", "name": "Ana", "email": "ana@example.com", "country": "PT"}'
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ class CouponIssued(msgspec.Struct, frozen=True):
     percent_off: int
 
 
-BROKER = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("HERALD_BROKER", "memory://")
+# read at import, so `herald run examples.user_registration:app` builds the same app
+BROKER = os.environ.get("HERALD_BROKER", "memory://")
 app = App("accounts", broker=BROKER)
 handled: Counter[str] = Counter()  # users seen per handler, to know when we are done
 

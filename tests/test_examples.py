@@ -1,4 +1,6 @@
-"""Every example is a program that runs and exits 0."""
+"""Every example runs both ways: as a script (it runs to completion and exits 0) and as a worker
+under ``herald run examples.NAME:app`` (it starts, handles what another process publishes,
+and exits 0 on SIGTERM)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,19 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from .worker import HERALD, checkout_env, herald_run
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
-def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+def run_example(
+    name: str, *args: str, broker: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = checkout_env({"PYTHONIOENCODING": "utf-8"})
     env.pop("HERALD_BROKER", None)
+    if broker is not None:
+        env["HERALD_BROKER"] = broker
     return subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args],
         capture_output=True,
@@ -25,10 +34,23 @@ def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def herald_publish(url: str, type_: str, topic: str, payload: str, *key: str) -> None:
+    """Feed a worker the way the example's docstring says: ``herald publish``."""
+    env = checkout_env()
+    args = ["publish", "--broker", url, "--type", type_, *(("--key", *key) if key else ()), topic]
+    done = subprocess.run(
+        [str(HERALD), *args, payload], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# --- as scripts ---------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("broker", ["memory", "sqlite"])
 def test_user_registration_fans_out(broker: str, tmp_path: Path) -> None:
-    args = [f"sqlite:///{tmp_path / 'users.db'}"] if broker == "sqlite" else []
-    proc = run_example("user_registration.py", *args)
+    url = f"sqlite:///{tmp_path / 'users.db'}" if broker == "sqlite" else None
+    proc = run_example("user_registration.py", broker=url)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for user in ("ada@example.com", "grace@example.com", "luiza@example.com.br"):
@@ -36,23 +58,9 @@ def test_user_registration_fans_out(broker: str, tmp_path: Path) -> None:
     assert out.count("[audit]") == 3
     assert "WELCOME-U3: 20% off for u3" in out
     assert "coupon WELCOME-U1 sent to ada@example.com" in out
-    assert "3 users registered" in out
-
-
-def test_user_registration_reads_the_broker_from_the_environment(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'env.db'}"
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "HERALD_BROKER": url}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "user_registration.py")],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=env,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"3 users registered on {url}" in proc.stdout
-    assert (tmp_path / "env.db").exists()
+    assert f"3 users registered on {url or 'memory://'}" in out
+    if url is not None:
+        assert (tmp_path / "users.db").exists()
 
 
 def test_iot_alerts_pages_only_critical_alerts() -> None:
@@ -114,3 +122,33 @@ def test_bank_account_runs_under_herald_run(tmp_path: Path) -> None:
         _, err = worker.communicate(timeout=30)
     assert worker.returncode == 0, err
     assert "bank started" in err
+
+
+# --- under herald run ---------------------------------------------------------------------------
+
+
+def test_user_registration_as_a_worker(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'users.db'}"
+    with herald_run(
+        "examples.user_registration:app", ROOT, tmp_path, {"HERALD_BROKER": url}
+    ) as worker:
+        worker.wait_started()
+        user = '{"user_id": "u9", "name": "Ana", "email": "ana@example.com", "country": "PT"}'
+        herald_publish(url, "UserRegistered", "users", user)
+        worker.wait_for("coupon WELCOME-U9 sent to ana@example.com")
+        assert worker.stop() == 0, worker.stderr
+    out = worker.stdout
+    assert "[emails]  welcome e-mail to ana@example.com" in out
+    assert "[audit]   u9 registered from PT" in out
+    assert "received SIGTERM" in worker.stderr
+
+
+def test_iot_alerts_as_a_worker(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'iot.db'}"
+    with herald_run("examples.iot_alerts:app", ROOT, tmp_path, {"HERALD_BROKER": url}) as worker:
+        worker.wait_started()
+        reading = '{"sensor_id": "srv-9", "zone": "server-room", "celsius": 41.5}'
+        herald_publish(url, "Reading", "readings", reading, "srv-9")
+        worker.wait_for("PAGE  on-call engineer: server-room/srv-9 is at 41.5 °C")
+        assert worker.stop() == 0, worker.stderr
+    assert "ALERT [critical] server-room/srv-9: 41.5 °C" in worker.stdout

@@ -21,6 +21,7 @@ from herald.testing.conformance import connected, drain, make_messages, subscrib
 from herald.testing.servers import require_server
 from herald.transports import TransportError, open_transport
 from herald.transports.kafka import KafkaTransport
+from herald.transports.kafka.groups import group_id
 from herald.transports.kafka.offsets import PartitionTracker, decode_metadata, encode_metadata
 
 pytestmark = pytest.mark.anyio
@@ -332,7 +333,9 @@ async def test_rebalance_between_two_members(port: int, request: pytest.FixtureR
     async def committed() -> dict[int, int]:
         # a group client that never subscribes does not join; it only reads the offsets
         # (aiokafka's admin OffsetFetch does not decode Tansu's answer)
-        reader = AIOKafkaConsumer(bootstrap_servers=bs, group_id=group, enable_auto_commit=False)
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=bs, group_id=group_id(group, topic), enable_auto_commit=False
+        )
         await reader.start()
         try:
             out = {}

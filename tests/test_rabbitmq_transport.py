@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
 import aio_pika
+import aiormq
 import anyio
 import pytest
 
@@ -19,7 +21,10 @@ from herald.transports import TransportError, open_transport
 from herald.transports.rabbitmq import subscription as rmq_sub
 from herald.transports.rabbitmq import transport as rmq
 from herald.transports.rabbitmq.options import parse_url
-from herald.transports.rabbitmq.wire import group_queue
+from herald.transports.rabbitmq.registry import registry_queue
+from herald.transports.rabbitmq.wire import delay_bucket, delay_queue, group_queue, parked_name
+
+from .worker import checkout_env
 
 pytestmark = pytest.mark.anyio
 URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -345,3 +350,71 @@ async def test_buffered_messages_keep_their_attempt(
         }
     finally:
         await other.close()
+
+
+CREATE_IN_ANOTHER_PROCESS = """
+import sys, anyio
+from herald.testing.helpers import make_messages
+from herald.transports import open_transport
+
+async def main(url, topic, group):
+    async with open_transport(url) as t:
+        sub = await t.subscribe(topic, group)
+        await t.publish(topic, make_messages(topic, 1))
+        [d] = await sub.fetch(1, 5)
+        await sub.nack(d, delay=30)  # a delay queue, its copy still waiting in it
+        await sub.close()
+        dlq = await t.subscribe(f"{topic}.{group}.dlq", "herald.dlq")  # as a consumer does
+        await dlq.close()
+
+anyio.run(main, *sys.argv[1:])
+"""
+
+
+async def _exists(kind: str, name: str) -> bool:
+    """A passive declare: True if the queue or exchange ``name`` exists."""
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        try:
+            if kind == "queue":
+                await channel.queue_declare(name, passive=True)
+            else:
+                await channel.exchange_declare(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+    finally:
+        await connection.close()
+
+
+async def test_delete_topic_from_a_fresh_process_finds_everything() -> None:
+    """Topic, group, a delay queue and a dead-letter topic made by another process are all
+    deleted by a transport that never saw them (it learns them from the topic's registry)."""
+    require_server("rabbitmq")
+    topic, group = unique_name("fresh"), unique_name("g")
+    made = subprocess.run(
+        [sys.executable, "-c", CREATE_IN_ANOTHER_PROCESS, URL, topic, group],
+        env=checkout_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    dlq = f"{topic}.{group}.dlq"
+    objects = [
+        ("exchange", topic),
+        ("queue", group_queue(topic, group)),
+        ("queue", delay_queue(topic, group, delay_bucket(30))),
+        ("queue", parked_name(topic)),
+        ("exchange", dlq),
+        ("queue", group_queue(dlq, "herald.dlq")),
+    ]
+    for kind, name in objects:
+        assert await _exists(kind, name), f"{kind} {name} was not made"
+    assert topic not in rmq._created_groups  # this process knows nothing of them
+    async with open_transport(URL) as fresh:
+        await fresh.delete_topic(topic)
+    objects.append(("queue", registry_queue(topic)))
+    left = [f"{kind} {name}" for kind, name in objects if await _exists(kind, name)]
+    assert not left, f"left behind: {left}"

@@ -6,7 +6,6 @@ still running after the grace period is cut off and its message is redelivered â
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import anyio
 import pytest
 
 from herald import App
+
+from .worker import checkout_env
 
 SERVICE = textwrap.dedent(
     """
@@ -41,13 +42,14 @@ SERVICE = textwrap.dedent(
 
 def start_worker(tmp_path: Path, url: str, grace: float, work: float) -> subprocess.Popen[bytes]:
     (tmp_path / "svc_module.py").write_text(SERVICE)
-    env = {
-        **os.environ,
-        "OUT_DIR": str(tmp_path),
-        "BROKER": url,
-        "GRACE": str(grace),
-        "WORK_SECONDS": str(work),
-    }
+    env = checkout_env(
+        {
+            "OUT_DIR": str(tmp_path),
+            "BROKER": url,
+            "GRACE": str(grace),
+            "WORK_SECONDS": str(work),
+        }
+    )  # this checkout's herald, not whichever one the interpreter finds from tmp_path
     herald = Path(sys.executable).with_name("herald")
     return subprocess.Popen(
         [str(herald), "run", "svc_module:app"], cwd=tmp_path, env=env, stderr=subprocess.PIPE

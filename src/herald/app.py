@@ -13,7 +13,8 @@
 
 ``app.run()`` does the same until SIGINT/SIGTERM, then shuts down gracefully: stop fetching,
 let running handlers finish (up to ``shutdown_timeout`` seconds), ack them, close. Handlers still
-running after that are cancelled and their deliveries go back to the group — never lost.
+running after that are cancelled and their deliveries go back to the group — never lost. How
+start, stop and restart work: :mod:`herald.lifecycle`.
 
 Subscribers of one ``(topic, group)`` share a subscription and split the messages by event type
 and filter. The default group is the app's name: one service, one consumer group per topic.
@@ -21,19 +22,16 @@ and filter. The default group is the app's name: one service, one consumer group
 
 from __future__ import annotations
 
-import gc
-import logging
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import anyio
-from anyio.abc import TaskGroup
 
 from herald.codec import Format, encode_many
 from herald.consumer import GroupConsumer
 from herald.inbox import InboxStore, MemoryInbox
+from herald.lifecycle import Lifecycle
 from herald.message import CONTENT_TYPE, CORRELATION_ID, OCCURRED_AT, SOURCE, Message, new_ids
 from herald.message import utc_now_rfc3339 as _utc_now
 from herald.middleware.base import Middleware
@@ -44,8 +42,6 @@ from herald.transports import Transport, open_transport, validate_name
 from herald.transports.base import Start, check_topology
 
 __all__ = ["App"]
-
-log = logging.getLogger("herald")
 
 F = TypeVar("F", bound=Callable[..., Any])
 Hook = Callable[[], Awaitable[None]]
@@ -117,14 +113,9 @@ class App:
         self._groups: dict[tuple[str, str], GroupSpec] = {}
         self._group_retry: dict[tuple[str, str], Retry] = {}
         self._group_middleware: dict[tuple[str, str], list[Middleware]] = {}
-        self._consumers: list[GroupConsumer] = []
-        self._stores: list[InboxStore] = []
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
-        self._tg: TaskGroup | None = None
-        self._running = 0
-        self._all_stopped = anyio.Event()
-        self._started = False
+        self._lifecycle = Lifecycle(self, self._build_consumers, self._startup, self._shutdown)
 
     # --- registration ---------------------------------------------------------------------------
 
@@ -296,7 +287,7 @@ class App:
     @property
     def consumers(self) -> list[GroupConsumer]:
         """The running group consumers (empty before start); each has ``.stats``."""
-        return list(self._consumers)
+        return self._lifecycle.consumers
 
     # --- publishing -----------------------------------------------------------------------------
 
@@ -392,7 +383,7 @@ class App:
             await self._transport.publish(topic, msgs)
         return [m.id for m in msgs]
 
-    # --- lifecycle ------------------------------------------------------------------------------
+    # --- lifecycle (herald.lifecycle) ----------------------------------------------------------
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -402,115 +393,44 @@ class App:
         await self.stop()
 
     async def start(self) -> None:
-        """Connect, run startup hooks, subscribe every group and start consuming."""
-        if self._started:
-            raise RuntimeError(f"app {self.name!r} is already running")
-        self._started = True
-        try:
-            await self._transport.connect()
-            for key, spec in self._groups.items():
-                for h in spec.handlers:
-                    h.bind()
-                middleware = [*self.middleware, *self._group_middleware.get(key, ())]
-                retry = self._group_retry.get(key, self.retry)
-                self._consumers.append(GroupConsumer(self, spec, retry, middleware))
-            # inbox stores can serve several groups: the app opens and closes each once
-            for consumer in self._consumers:
-                for m in consumer.chain:
-                    if isinstance(m, Dedupe) and all(m.store is not s for s in self._stores):
-                        self._stores.append(m.store)
-                        await m.store.open()
-            for hook in self._startup:
-                await hook()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._release()
-            raise
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._all_stopped = anyio.Event()
-        try:
-            for consumer in self._consumers:
-                self._running += 1
-                await self._tg.start(self._run_consumer, consumer)
-        except BaseException:
-            await self.stop()
-            raise
-        log.info(
-            "%s started on %s with %d group(s)",
-            self.name,
-            self._transport.url,
-            len(self._consumers),
-        )
+        """Connect, run startup hooks, subscribe every group and start consuming.
 
-    async def _run_consumer(
-        self, consumer: GroupConsumer, *, task_status: anyio.abc.TaskStatus[None]
-    ) -> None:
-        try:
-            await consumer.run(task_status=task_status)
-        finally:
-            self._running -= 1
-            if self._running == 0:
-                self._all_stopped.set()
+        The consumers run in a task of the app's own, so :meth:`stop` may be called from any
+        task. Raises what made the start fail, after closing what was opened; if :meth:`stop`
+        is called (or, under :meth:`serve`, a signal arrives) before it finished, the start-up
+        is abandoned at once and this raises :class:`~herald.lifecycle.StartAborted`. An app
+        that stopped can be started again."""
+        await self._lifecycle.start()
 
     async def stop(self) -> None:
-        """Graceful shutdown: stop fetching, wait for running handlers, close. Idempotent."""
-        if not self._started or self._tg is None:
-            return
-        tg, self._tg = self._tg, None
-        for c in self._consumers:
-            c.stop()
-        if self._running:
-            with anyio.move_on_after(self.shutdown_timeout) as scope:
-                await self._all_stopped.wait()
-            if scope.cancelled_caught:
-                log.warning(
-                    "%s: handlers still running after %.1fs; cancelling them (their messages "
-                    "will be redelivered)",
-                    self.name,
-                    self.shutdown_timeout,
-                )
-                tg.cancel_scope.cancel()
-        try:
-            await tg.__aexit__(None, None, None)
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    for hook in self._shutdown:
-                        await hook()
-                finally:
-                    await self._release()
-            log.info("%s stopped", self.name)
-
-    async def _release(self) -> None:
-        """Close inbox stores and the transport; forget the consumers. Shielded by callers."""
-        stores, self._stores = self._stores, []
-        try:
-            for store in stores:
-                await store.close()
-        finally:
-            await self._transport.close()
-            self._consumers.clear()
-            self._running = 0
-            self._started = False
+        """Graceful shutdown: stop fetching, wait for running handlers (up to
+        ``shutdown_timeout``), close. Idempotent; may be called from any task, also while
+        :meth:`start` is still running (which then stops at once). Raises the error that
+        stopped the app if a consumer failed while it ran."""
+        await self._lifecycle.stop()
 
     def run(self) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully."""
         anyio.run(self.serve)
 
     async def serve(self) -> None:
-        """The async body of :meth:`run`: start, wait for a termination signal, stop."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with self:
-                # Everything alive now (modules, handlers, connections) lives as long as the
-                # worker: keep it out of the cyclic GC's passes, which otherwise rescan it for
-                # every burst of message garbage (20-30% of throughput on the in-process bus).
-                gc.freeze()
-                async for signum in signals:
-                    log.info(
-                        "%s: received %s, shutting down", self.name, signal.Signals(signum).name
-                    )
-                    break
+        """The async body of :meth:`run`: start, wait for a termination signal, stop. A
+        signal during start-up stops at once, without an error."""
+        await self._lifecycle.serve()
+
+    def _build_consumers(self) -> list[GroupConsumer]:
+        consumers = []
+        for key, spec in self._groups.items():
+            for h in spec.handlers:
+                h.bind()
+            middleware = [*self.middleware, *self._group_middleware.get(key, ())]
+            retry = self._group_retry.get(key, self.retry)
+            consumers.append(GroupConsumer(self, spec, retry, middleware))
+        return consumers
+
+    @property
+    def _started(self) -> bool:
+        return self._lifecycle.active
 
 
 def default_inbox(transport: Transport) -> InboxStore:

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from herald.dlq import DeadLetters
+from herald.lifecycle import StartAborted, stop_signals_abort_start
 from herald.loading import load_app
 from herald.message import (
     CONTENT_TYPE,
@@ -59,15 +60,19 @@ def run(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        app = load_app(target)
-    except (ImportError, ValueError) as e:
-        raise _fail(str(e)) from e
-    if concurrency is not None:
-        app.set_concurrency(concurrency)
-    try:
-        app.run()
-    except TransportError as e:
-        raise _fail(str(e), 1) from e
+        with stop_signals_abort_start():  # until app.run() handles them itself
+            try:
+                app = load_app(target)
+            except (ImportError, ValueError) as e:
+                raise _fail(str(e)) from e
+            if concurrency is not None:
+                app.set_concurrency(concurrency)
+            try:
+                app.run()
+            except TransportError as e:
+                raise _fail(str(e), 1) from e
+    except StartAborted as e:
+        logging.getLogger("herald").info("%s: %s; stopped", target, e)
 
 
 @cli.command()

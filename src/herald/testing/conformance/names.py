@@ -1,4 +1,4 @@
-"""Fetch timeouts, name validation and idempotent close."""
+"""Fetch timeouts, name validation, idempotent close and reconnecting after close."""
 
 from __future__ import annotations
 
@@ -119,3 +119,22 @@ class NameTests(Suite):
         finally:
             await transport.close()
         await transport.close()
+
+    async def test_connect_after_close(self, broker_url: str) -> None:
+        """A closed transport connects again (an App restarts on it): a group that consumed
+        before the close gets what is published after the reconnect, and only that."""
+        transport = open_transport(broker_url)
+        topic, group = unique_name("reopen"), unique_name("g")
+        await transport.connect()
+        try:
+            for _ in range(2):
+                published = make_messages(topic, 2)
+                await self.create_groups(transport, topic, group)
+                await transport.publish(topic, published)
+                async with subscribed(transport, topic, group) as sub:
+                    seen = await drain(sub, ids(published), timeout=self.delivery_timeout)
+                    assert_exactly(seen, ids(published))
+                await transport.close()
+                await transport.connect()
+        finally:
+            await transport.close()

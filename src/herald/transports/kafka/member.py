@@ -5,7 +5,8 @@ shared by every local subscription of that pair
 (:class:`~herald.transports.kafka.subscription.KafkaSubscription`): local subscriptions compete
 for the member's records in memory (no rebalance per local subscriber), and the member leaves the
 Kafka group when the last local subscription closes. The member consumes the topic and the
-group's retry topic ``<topic>.<group>.retry`` together.
+group's retry topic ``<topic>.<group>.retry`` together, in the Kafka consumer group
+``<group>:<topic>`` (one per topic: :mod:`herald.transports.kafka.groups` says why).
 
 Commits never skip: each assigned partition has a
 :class:`~herald.transports.kafka.offsets.PartitionTracker`; acks move its committed offset over
@@ -43,6 +44,12 @@ from aiokafka.structs import OffsetAndMetadata  # type: ignore[import-untyped]
 
 from herald.message import Message
 from herald.transports.base import Delivery, Start, Subscription, TransportError, by_topic
+from herald.transports.kafka.groups import (
+    abandon_join,
+    committed_offsets,
+    group_id,
+    legacy_offsets,
+)
 from herald.transports.kafka.offsets import OffsetToken, PartitionTracker
 from herald.transports.kafka.transactions import KafkaTransactions
 from herald.transports.kafka.wire import (
@@ -110,6 +117,7 @@ class GroupMember:
         self.transport = transport
         self.topic = topic
         self.group = group
+        self.group_id = group_id(group, topic)  # the Kafka group id: kafka/groups.py
         self.retry_topic = retry_topic(topic, group)
         self.start = start
         self.subs: set[Subscription] = set()  # the local ones, each a KafkaSubscription
@@ -170,7 +178,7 @@ class GroupMember:
     async def _join(self) -> None:
         t = self.transport
         self.consumer = AIOKafkaConsumer(
-            group_id=self.group,
+            group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset=self.start,
             **t.consumer_options(),
@@ -190,6 +198,7 @@ class GroupMember:
                 anchor[tp] = OffsetAndMetadata(tr.committed, "")
         if anchor:
             await self.consumer.commit(anchor)
+        await self.flush()  # offsets adopted from the group's old id (on_assigned)
 
     def _join_error(self) -> TransportError:
         t = self.transport
@@ -213,6 +222,8 @@ class GroupMember:
     async def _stop_consumer(self) -> None:
         if self.consumer is not None:
             consumer, self.consumer = self.consumer, None
+            if not self._assigned_once.is_set():
+                await abandon_join(consumer)
             try:
                 await consumer.stop()
             except KafkaError as e:  # leaving is best effort: the session times out anyway
@@ -241,38 +252,27 @@ class GroupMember:
         # owns it from its committed offset; a kept partition keeps its buffer (we seek past it)
         self._drop_all_but(set(kept))
         fresh = [tp for tp in assigned if tp not in kept]
-        committed = await self._committed(fresh) if fresh else {}
-        remembered = self.transport.recall_metadata(self.topic, self.group)
         assert self.consumer is not None
+        committed = await committed_offsets(self.consumer, fresh) if fresh else {}
+        options = self.transport.consumer_options()
+        adopted = await legacy_offsets(options, self.group, fresh, committed)
+        remembered = self.transport.recall_metadata(self.topic, self.group)
         for tp, tr in kept.items():
             self.trackers[tp] = tr
             if tr.fetched_to is not None:
                 self.consumer.seek(tp, tr.fetched_to)  # keep in-flight state, re-read nothing
         for tp in fresh:
-            om = committed.get(tp)
+            om = adopted.get(tp) or committed.get(tp)
             offset = om.offset if om is not None and om.offset >= 0 else None
             meta = om.metadata if om is not None else None
             if not meta and tp in remembered and remembered[tp][0] == offset:
                 meta = remembered[tp][1]  # this process left it; the broker dropped the metadata
-            self.trackers[tp] = PartitionTracker(tp, offset, meta)
+            tr = self.trackers[tp] = PartitionTracker(tp, offset, meta)
+            if tp in adopted:  # committed under the bare group name: start there, and commit
+                self.consumer.seek(tp, adopted[tp].offset)  # it under the new id next flush
+                tr.dirty, self._dirty_seq = True, self._dirty_seq + 1
         self._assigned_once.set()
         self._notify()
-
-    async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, Any]:
-        """Committed offsets *with* their metadata. aiokafka's public ``committed()`` returns
-        only the offset; the coordinator call it wraps returns both."""
-        assert self.consumer is not None
-        coordinator = getattr(self.consumer, "_coordinator", None)
-        fetch = getattr(coordinator, "fetch_committed_offsets", None)
-        if fetch is not None:
-            result: dict[TopicPartition, Any] = await fetch(tps)
-            return result
-        out: dict[TopicPartition, Any] = {}
-        for tp in tps:  # pragma: no cover - fallback for an aiokafka without it
-            off = await self.consumer.committed(tp)
-            if off is not None:
-                out[tp] = OffsetAndMetadata(off, "")
-        return out
 
     def _drop_all_but(self, live: set[TopicPartition]) -> None:
         self._again = deque(x for x in self._again if not x[2].tracker.revoked)
@@ -293,7 +293,11 @@ class GroupMember:
         ready: list[list[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]]] = []
         for tp, records in batches.items():
             tr = self.trackers.get(tp)
-            if tr is None:  # revoked while the fetch was in flight: the new owner reads them
+            if tr is None:
+                # revoked while the fetch was in flight (the new owner reads them), or on_assigned
+                # has not made its tracker yet: read them again (anchoring would skip them)
+                if records and self.consumer is not None and tp in self.consumer.assignment():
+                    self.consumer.seek(tp, records[0].offset)
                 continue
             retry = tp.topic == self.retry_topic
             mine = []
@@ -472,7 +476,7 @@ class GroupMember:
         for tok in tokens:
             acking.setdefault(tok.tracker, []).append(tok.offset)
         async with self._commit_lock:  # no plain commit of the same partitions in between
-            await self.transport.transactions.run(batches, self._offsets(acking), self.group)
+            await self.transport.transactions.run(batches, self._offsets(acking), self.group_id)
         self.mark_acked(deliveries)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:

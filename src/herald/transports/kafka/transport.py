@@ -1,8 +1,12 @@
 """Apache Kafka (and Kafka-protocol brokers): ``kafka://host:port[,host:port][?options]``.
 
 Mapping: a Herald topic is a Kafka topic (created on demand with ``partitions`` partitions and
-``replication`` replicas); a group is a Kafka consumer group; the message key picks the
-partition, so order is kept per key. Wire format: :mod:`herald.transports.kafka.wire`.
+``replication`` replicas); a group on a topic is the Kafka consumer group ``<group>:<topic>``,
+one per topic, so a join, a leave or a crash on one topic never stalls the group's other
+topics (a Kafka group rebalances as a whole; :mod:`herald.transports.kafka.groups` gives the
+reasons and how offsets committed under the bare group name by an older Herald are taken
+over); the message key picks the partition, so order is kept per key. Wire format:
+:mod:`herald.transports.kafka.wire`.
 
 * Publishing: one idempotent producer (``enable_idempotence=True``) with ``acks=all``; a batch
   is built into one record batch per partition (keys hashed with murmur2, like every Kafka

@@ -187,9 +187,9 @@ class MqttTransport(Transport):
 
     async def connect(self) -> None:
         """Open the publishing connection within ``connect_timeout``; TransportError (URL
-        redacted) if the broker stays unreachable, PermanentTransportError if it refuses."""
-        if self._closed:
-            raise TransportError(f"MQTT transport {self.url} is closed")
+        redacted) if the broker stays unreachable, PermanentTransportError if it refuses.
+        After :meth:`close` it connects again."""
+        self._closed = False
         if self._pub is None:
             await self._publisher()
 

@@ -42,6 +42,8 @@ Mapping onto RabbitMQ
   own attempt — acks the originals and closes the channel. If that fails, closing the channel
   returns them anyway (as ``redelivered``).
 * **dead letters** are Herald's ``<topic>.<group>.dlq`` topic — just another exchange.
+* **registry** = a durable queue ``<topic>::registry`` whose messages name the topic's groups
+  and delay queues (:mod:`.registry`), so ``delete_topic`` from any process removes them all.
 
 Consuming
 ---------
@@ -120,7 +122,8 @@ the lost connection are dropped because the broker has already put those message
 
 Modules: this one holds the transport (topology, publish, subscribe, delete);
 ``connection`` the self-healing connection, ``subscription`` the consumer,
-``wire`` URL options, object names and the envelope encoding.
+``options`` the URL options, ``wire`` object names and the envelope encoding, ``registry``
+what hangs off each topic.
 """
 
 from __future__ import annotations
@@ -148,6 +151,7 @@ from herald.transports.base import (
 )
 from herald.transports.rabbitmq.connection import GONE, Link, refused
 from herald.transports.rabbitmq.options import Options, parse_url
+from herald.transports.rabbitmq.registry import Entries, registry_queue, take
 from herald.transports.rabbitmq.subscription import RabbitMQSubscription
 from herald.transports.rabbitmq.wire import (
     MAX_PAYLOAD,
@@ -167,10 +171,9 @@ log = logging.getLogger("herald.transports.rabbitmq")
 
 _PUBLISH_PATIENCE = 60.0  # seconds a publish waits for a lost connection to come back
 
-#: Objects this process created, per topic, so delete_topic can remove them (there is no way
-#: to list them without the management plugin). Process-wide: any transport may delete.
+#: Topics (and their groups) this process declared. delete_topic reads what a topic has from
+#: its registry on the broker (any process can); this also lets tests find what they made.
 _created_groups: dict[str, set[str]] = {}
-_created_delays: dict[str, set[str]] = {}
 
 
 class _Inequivalent(TransportError):
@@ -197,6 +200,8 @@ class RabbitMQTransport(Transport):
         self._subs: set[RabbitMQSubscription] = set()
         self._exchanges: set[str] = set()
         self._queues: set[str] = set()
+        #: what this transport has put in each topic's registry already
+        self._recorded: dict[str, Entries] = {}
         self._topo_lock = asyncio.Lock()
 
     @classmethod
@@ -303,9 +308,31 @@ class RabbitMQTransport(Transport):
             )
 
         await self._declare(work, f"declare the delay queue {name!r}")
+        await self._record(topic, Entries(queues={name}))
         self._queues.add(name)
-        _created_delays.setdefault(topic, set()).add(name)
         return name
+
+    async def _record(self, topic: str, entries: Entries) -> None:
+        """Add ``entries`` to ``topic``'s registry (see :mod:`.registry`), once per transport."""
+        known = self._recorded.setdefault(topic, Entries())
+        if known.covers(entries):
+            return
+        queue = registry_queue(topic)
+
+        async def work(ch: aiormq.abc.AbstractChannel) -> None:
+            taken, last = await take(ch, queue)
+            if last is not None and taken.covers(entries):
+                await ch.basic_nack(last, multiple=True, requeue=True)
+                return
+            taken.merge(entries)
+            props = Basic.Properties(delivery_mode=2, content_type="application/json")
+            # the union is stored (confirmed) before what it replaces is acked
+            await self._publish_frames("", [((queue, props), taken.encode())], ensure_topic=None)
+            if last is not None:
+                await ch.basic_ack(last, multiple=True)
+
+        await self._declare(work, f"record {topic!r} in its registry queue")
+        known.merge(entries)
 
     # -- publish -----------------------------------------------------------------------
 
@@ -451,6 +478,7 @@ class RabbitMQTransport(Transport):
                 await ch.queue_unbind(queue, exchange, routing_key="#")
 
         await self._declare(work, f"declare and bind the queue {queue!r}")
+        await self._record(topic, Entries(groups={group}))
         _created_groups.setdefault(topic, set()).add(group)
         if start == "earliest":
             await self._unpark(topic)
@@ -488,23 +516,33 @@ class RabbitMQTransport(Transport):
     # -- delete ------------------------------------------------------------------------
 
     async def delete_topic(self, topic: str) -> None:
+        """Delete the topic's exchange, its groups' queues, their delay queues, the parked
+        queue and the registry, then the dead-letter and skipped topics of its groups. What
+        to delete is read from the topic's registry on the broker, so a process that created
+        none of it finds it all (objects made by a Herald without registries excepted)."""
         self._check_topic(topic)
-        groups = _created_groups.pop(topic, set())
-        delays = _created_delays.pop(topic, set())
-        queues = [group_queue(topic, g) for g in groups] + sorted(delays)
+        found = Entries(groups=_created_groups.pop(topic, set()))
+        registry = registry_queue(topic)
         parked = parked_name(topic)
 
         async def work(ch: aiormq.abc.AbstractChannel) -> None:
-            for q in [*queues, parked]:
+            recorded, _ = await take(ch, registry)  # left unacked: deleted with the queue
+            found.merge(recorded)
+            queues = [group_queue(topic, g) for g in sorted(found.groups)] + sorted(found.queues)
+            for q in [*queues, parked, registry]:
                 await ch.queue_delete(q)
             await ch.exchange_delete(exchange_name(topic))
             await ch.exchange_delete(parked)
 
         await self._declare(work, f"delete topic {topic!r}")
         self._exchanges.discard(topic)
-        self._queues.difference_update(queues)
-        for g in groups:  # the dead-letter and skipped topics Herald made for these groups
+        self._queues.difference_update(found.queues)
+        self._recorded.pop(topic, None)
+        for g in sorted(found.groups):  # the dead-letter and skipped topics of these groups
             for suffix in ("dlq", "skipped"):
                 derived = f"{topic}.{g}.{suffix}"
-                if derived in _created_groups:
-                    await self.delete_topic(derived)
+                try:
+                    self._check_topic(derived)
+                except ValueError:
+                    continue  # too long to be a topic: never created
+                await self.delete_topic(derived)

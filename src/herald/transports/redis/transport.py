@@ -200,6 +200,8 @@ class RedisTransport(Transport):
         #: delayed one, so local members of the group look (claim) again at once.
         self._kicks: dict[tuple[str, str], int] = {}
         self._closed = False
+        #: bumped by close(): a connect() that was under way meanwhile drops its client
+        self._generation = 0
 
     @classmethod
     def from_url(cls, url: str) -> RedisTransport:
@@ -216,14 +218,14 @@ class RedisTransport(Transport):
 
     async def connect(self) -> None:
         """Connect and check the server within ``connect_timeout``
-        (:mod:`herald.transports.redis.connection`)."""
-        if self._closed:
-            raise TransportError(f"redis transport for {self._url} is closed")
+        (:mod:`herald.transports.redis.connection`). After :meth:`close` it connects again."""
         if self._client is not None:
             return
+        self._closed = False
+        generation = self._generation
         client = await open_client(self._options, self._url, self._clean_text)
-        if self._client is not None or self._closed:  # a concurrent connect() won
-            await client.aclose()
+        if self._client is not None or self._generation != generation:
+            await client.aclose()  # a concurrent connect() won, or close() ran meanwhile
             return
         self._client = client
 
@@ -232,6 +234,7 @@ class RedisTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        self._generation += 1
         with anyio.CancelScope(shield=True):
             for sub in list(self._subscriptions):
                 try:

@@ -160,6 +160,8 @@ class SqliteTransport(Transport):
         #: topic -> (time of the last cleanup, messages leased since), touched by fetches.
         self._cleanup_due: dict[str, tuple[float, int]] = {}
         self._closed = False
+        #: bumped by close(): a connect() that was opening meanwhile drops its connection
+        self._generation = 0
 
     @classmethod
     def from_url(cls, url: str) -> SqliteTransport:
@@ -180,12 +182,12 @@ class SqliteTransport(Transport):
         """Open (creating if needed) the database. Raise :class:`PermanentTransportError`
         naming the path if it cannot be opened (missing directory, a directory, not writable),
         is not a SQLite database or not a Herald one; :class:`TransportError` if it stays
-        locked past ``busy_timeout``."""
-        if self._closed:
-            raise TransportError(f"sqlite transport for {self.path!r} is closed")
+        locked past ``busy_timeout``. After :meth:`close` it opens the database again."""
         if self._conn is None:
+            self._closed = False
+            generation = self._generation
             conn = await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
-            if self._conn is None and not self._closed:
+            if self._conn is None and self._generation == generation:
                 self._conn = conn
             else:  # a concurrent connect() won, or close() ran meanwhile
                 await anyio.to_thread.run_sync(conn.close, limiter=self._limiter)
@@ -259,6 +261,7 @@ class SqliteTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        self._generation += 1
         try:
             errors: list[TransportError] = []
             for sub in list(self._subscriptions):
@@ -269,7 +272,8 @@ class SqliteTransport(Transport):
             if errors:
                 raise errors[0]
         finally:
-            for event in self._events.values():
+            events, self._events = self._events, {}
+            for event in events.values():
                 event.set()
             conn, self._conn = self._conn, None
             if conn is not None:

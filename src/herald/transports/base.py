@@ -20,13 +20,16 @@ Contract, in short:
   deliveries as one atomic step: consume-transform-produce without duplicates or losses.
 * :attr:`Transport.features` says what the engine guarantees. Code and tests branch on these
   flags, never on the transport's class.
+* Read-only tooling: :meth:`Transport.peek` watches a topic without joining any group;
+  :meth:`Transport.list_topics` / :meth:`Transport.list_groups` (where ``features.listing``)
+  say what the engine holds. None of them changes what a group receives.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self
 
@@ -35,11 +38,14 @@ from herald.message import Message
 __all__ = [
     "Delivery",
     "Features",
+    "GroupInfo",
     "Start",
     "Subscription",
+    "TopicInfo",
     "Transport",
     "TransportError",
     "by_topic",
+    "check_peek",
     "validate_name",
 ]
 
@@ -79,6 +85,33 @@ class Features:
     dedupes_by_id: bool = False
     #: :meth:`Subscription.commit` publishes and acks as one atomic step (a transaction).
     transactions: bool = False
+    #: :meth:`Transport.list_topics` and :meth:`Transport.list_groups` work (the engine can
+    #: enumerate its topics and a topic's groups); elsewhere they raise :class:`TransportError`.
+    listing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    """One topic, as :meth:`Transport.list_topics` reports it."""
+
+    name: str
+    #: Messages the engine holds for the topic now; ``None`` where that is not cheap to know.
+    messages: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One group of a topic, as :meth:`Transport.list_groups` reports it. A count is ``None``
+    where the engine cannot tell it cheaply."""
+
+    name: str
+    #: Messages of the topic not handed to any member of the group yet (on Kafka, where the
+    #: two cannot be told apart: not acked yet, so ``pending`` included).
+    lag: int | None = None
+    #: Messages handed to a member and not acked yet.
+    pending: int | None = None
+    #: Members connected now.
+    consumers: int | None = None
 
 
 class Delivery:
@@ -183,6 +216,34 @@ class Transport(ABC):
     async def subscribe(self, topic: str, group: str, *, start: Start = "earliest") -> Subscription:
         """Join ``group`` on ``topic`` and return the subscription."""
 
+    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+        """Watch ``topic`` without taking part in it: yield the ``last`` newest messages the
+        engine still holds (oldest first; only where ``features.replay``), then every message
+        published from now on, until the caller stops iterating. Close the iterator when done
+        (``contextlib.aclosing``); closing the transport ends it too.
+
+        Read-only: it joins no group, acks and commits nothing, and what it needs on the engine
+        (a private queue, an ephemeral consumer, a clean session) goes away when it ends or its
+        connection drops, so no group receives anything differently. Best effort: there is no
+        redelivery, and a message the engine drops before the peek reads it is not seen.
+
+        Raises ``ValueError`` for a bad name or a negative ``last``, and
+        :class:`TransportError` where the engine cannot do it (the default) or cannot replay
+        ``last`` messages.
+        """
+        raise TransportError(f"{type(self).__name__} ({self.url}) cannot peek at a topic")
+
+    async def list_topics(self) -> list[TopicInfo]:
+        """The topics the engine holds (dead-letter and skipped topics included; the
+        transport's helper objects such as retry topics and delay queues left out), sorted by
+        name. Read-only. Where not ``features.listing`` it raises :class:`TransportError`."""
+        raise TransportError(f"{type(self).__name__} ({self.url}) cannot list topics")
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        """The groups of ``topic`` (``[]`` for an unknown topic), sorted by name. Read-only.
+        Where not ``features.listing`` it raises :class:`TransportError`."""
+        raise TransportError(f"{type(self).__name__} ({self.url}) cannot list groups")
+
     async def delete_topic(self, topic: str) -> None:
         """Delete ``topic`` with its messages, groups and any helper objects (delay queues,
         retry topics). For tests and tooling; a missing topic is not an error. Transports that
@@ -211,6 +272,18 @@ def validate_name(kind: str, name: str) -> str:
             "(not starting with '.' or '-')"
         )
     return name
+
+
+def check_peek(transport: Transport, topic: str, last: int) -> None:
+    """Check the arguments of :meth:`Transport.peek` before it touches the engine."""
+    validate_name("topic", topic)
+    if not isinstance(last, int) or last < 0:
+        raise ValueError(f"last must be a whole number >= 0, not {last!r}")
+    if last and not transport.features.replay:
+        raise TransportError(
+            f"{transport.url} cannot replay: a new reader sees only messages published after "
+            "it started (features.replay is False), so it cannot show the last messages"
+        )
 
 
 def by_topic(messages: Sequence[Message]) -> dict[str, list[Message]]:

@@ -57,7 +57,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
 import anyio
@@ -74,14 +74,19 @@ from aiokafka.partitioner import murmur2  # type: ignore[import-untyped]
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    GroupInfo,
     Start,
     Subscription,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     validate_name,
 )
+from herald.transports.kafka import listing
 from herald.transports.kafka.member import GroupMember
 from herald.transports.kafka.options import parse_url, redact_url
+from herald.transports.kafka.peek import follow
 from herald.transports.kafka.subscription import KafkaSubscription
 from herald.transports.kafka.transactions import KafkaTransactions
 from herald.transports.kafka.wire import encode_headers, record_size, retry_topic
@@ -138,6 +143,7 @@ class KafkaTransport(Transport):
             headers=True,
             max_payload=self.max_request_size - _OVERHEAD,
             transactions=True,  # where the broker grants them: commit([], []) tells at once
+            listing=True,
         )
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
@@ -336,6 +342,29 @@ class KafkaTransport(Transport):
             except KafkaError as e:
                 raise TransportError(f"{self.url}: cannot delete topics {names}: {e!r}") from e
         self._known_topics.difference_update(names)
+
+    # -- read-only tooling ---------------------------------------------------------------
+
+    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+        """A consumer with no group on every partition (see :mod:`herald.transports.kafka.peek`)."""
+        check_peek(self, topic, last)
+        self._require()
+        return follow(self, topic, last)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        _, admin = self._require()
+        try:
+            return await listing.topics(admin)
+        except KafkaError as e:
+            raise TransportError(f"{self.url}: cannot list topics: {e!r}") from None
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        validate_name("topic", topic)
+        _, admin = self._require()
+        try:
+            return await listing.groups(admin, self.consumer_options(), topic)
+        except KafkaError as e:
+            raise TransportError(f"{self.url}: cannot list groups of {topic!r}: {e!r}") from None
 
     # -- publishing ---------------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
 import anyio
@@ -95,14 +95,18 @@ from paho.mqtt import client as paho
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    GroupInfo,
     Start,
     Subscription,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     validate_name,
 )
 from herald.transports.mqtt.connection import Connection, ConnectionLost, Item, reconnect
 from herald.transports.mqtt.options import MqttOptions, parse_url
+from herald.transports.mqtt.peek import follow
 from herald.transports.mqtt.slots import acquire_slot, client_id
 from herald.transports.mqtt.subscription import MqttSubscription
 from herald.transports.mqtt.wire import encode_properties
@@ -113,6 +117,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds delete_topic waits after the last retained registry entry arrives.
 _REGISTRY_IDLE = 0.3
+_NO_LISTING = (
+    "MQTT broker {url} cannot list {what}: MQTT has no request that lists topics or "
+    "subscriptions (a broker knows a topic only while someone publishes or subscribes to it)"
+)
 
 
 class MqttTransport(Transport):
@@ -249,6 +257,20 @@ class MqttTransport(Transport):
             raise
         self._subs.add(sub)
         return sub
+
+    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+        """A plain subscription on a clean session of its own (see
+        :mod:`herald.transports.mqtt.peek`); ``last`` is refused (no replay)."""
+        check_peek(self, topic, last)
+        if self._closed:
+            raise TransportError(f"MQTT transport {self.url} is closed")
+        return follow(self, topic)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        raise TransportError(_NO_LISTING.format(what="topics", url=self.url))
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        raise TransportError(_NO_LISTING.format(what="groups", url=self.url))
 
     async def delete_topic(self, topic: str) -> None:
         """Remove what this transport created for ``topic`` and ``topic.*`` (dead-letter

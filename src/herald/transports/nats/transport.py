@@ -108,7 +108,7 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 
@@ -132,13 +132,18 @@ from nats.js.manager import JetStreamManager
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    GroupInfo,
     Start,
     Subscription,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     validate_name,
 )
 from herald.transports.nats.options import NatsOptions, parse_url
+from herald.transports.nats import listing
+from herald.transports.nats.peek import follow
 from herald.transports.nats.subscription import (
     TRANSIENT as _TRANSIENT,
 )
@@ -207,6 +212,7 @@ class NatsTransport(Transport):
             headers=True,
             max_payload=self._server_max - HEADER_RESERVE,
             dedupes_by_id=True,
+            listing=True,
         )
 
     @classmethod
@@ -607,6 +613,27 @@ class NatsTransport(Transport):
         await sub._open()
         self._subs.add(sub)
         return sub
+
+    # --- read-only tooling -------------------------------------------------------------------
+
+    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+        """An ephemeral consumer without acks (see :mod:`herald.transports.nats.peek`)."""
+        check_peek(self, topic, last)
+        self._require()
+        return follow(self, topic, last)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        self._require()
+        jsm = self._jsm
+        assert jsm is not None
+        return await self._api("list streams", lambda: listing.topics(jsm))
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        validate_name("topic", topic)
+        self._require()
+        jsm = self._jsm
+        assert jsm is not None
+        return await self._api("list consumers", lambda: listing.groups(jsm, topic))
 
     async def _confirm(self, subjects: Sequence[str], body: bytes, what: str) -> None:
         """Send ``body`` to each ack subject; the last as a request whose reply confirms that

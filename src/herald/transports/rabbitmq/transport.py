@@ -110,7 +110,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar, cast
 
 import aiormq
@@ -120,14 +120,18 @@ from pamqp.commands import Basic
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    GroupInfo,
     Start,
     Subscription,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     validate_name,
 )
 from herald.transports.rabbitmq.connection import GONE, Link
 from herald.transports.rabbitmq.options import Options, parse_url
+from herald.transports.rabbitmq.peek import follow
 from herald.transports.rabbitmq.subscription import RabbitMQSubscription
 from herald.transports.rabbitmq.wire import (
     MAX_PAYLOAD,
@@ -148,6 +152,10 @@ _PUBLISH_PATIENCE = 60.0  # seconds a publish waits for a lost connection to com
 #: Objects this process created, per topic, so delete_topic can remove them (there is no way
 #: to list them without the management plugin). Process-wide: any transport may delete.
 _created_groups: dict[str, set[str]] = {}
+_NO_LISTING = (
+    "RabbitMQ at {url} cannot list {what}: AMQP 0-9-1 has no request that lists exchanges, "
+    "queues or bindings (use the management UI, its HTTP API or rabbitmqctl)"
+)
 _created_delays: dict[str, set[str]] = {}
 
 
@@ -392,6 +400,22 @@ class RabbitMQTransport(Transport):
             await ch.basic_ack(last.delivery_tag or 0, multiple=True)
 
         await self._declare(work)
+
+    # -- read-only tooling -------------------------------------------------------------
+
+    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+        """A private queue bound to the topic's exchange (see
+        :mod:`herald.transports.rabbitmq.peek`); ``last`` is refused (no replay)."""
+        self._check_topic(topic)
+        check_peek(self, topic, last)
+        self._link_or_fail()
+        return follow(self, topic)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        raise TransportError(_NO_LISTING.format(what="topics", url=self.url))
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        raise TransportError(_NO_LISTING.format(what="groups", url=self.url))
 
     # -- delete ------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self
 
@@ -216,20 +217,29 @@ class Transport(ABC):
     async def subscribe(self, topic: str, group: str, *, start: Start = "earliest") -> Subscription:
         """Join ``group`` on ``topic`` and return the subscription."""
 
-    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
-        """Watch ``topic`` without taking part in it: yield the ``last`` newest messages the
-        engine still holds (oldest first; only where ``features.replay``), then every message
-        published from now on, until the caller stops iterating. Close the iterator when done
-        (``contextlib.aclosing``); closing the transport ends it too.
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
+        """Watch ``topic`` without taking part in it::
+
+            async with transport.peek("orders", last=10) as messages:
+                async for message in messages:
+                    ...
+
+        The iterator yields the ``last`` newest messages the engine still holds (oldest first;
+        only where ``features.replay``), then every message published after the ``async with``
+        was entered, until the caller stops. Leaving the block ends it; so does closing the
+        transport, on some engines with an error.
 
         Read-only: it joins no group, acks and commits nothing, and what it needs on the engine
-        (a private queue, an ephemeral consumer, a clean session) goes away when it ends or its
-        connection drops, so no group receives anything differently. Best effort: there is no
-        redelivery, and a message the engine drops before the peek reads it is not seen.
+        (a private queue, an ephemeral consumer, a clean session) goes away when the block is
+        left or its connection drops, so no group receives anything differently. Best effort:
+        there is no redelivery, and a message the engine drops before the peek reads it is not
+        seen; redeliveries (nacks) are not shown, only what was published to the topic.
 
         Raises ``ValueError`` for a bad name or a negative ``last``, and
-        :class:`TransportError` where the engine cannot do it (the default) or cannot replay
-        ``last`` messages.
+        :class:`TransportError` where the engine cannot do it (the default), cannot replay
+        ``last`` messages, or has no such topic and cannot wait for it without creating it.
         """
         raise TransportError(f"{type(self).__name__} ({self.url}) cannot peek at a topic")
 

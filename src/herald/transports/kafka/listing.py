@@ -56,10 +56,13 @@ async def groups(
     finally:
         await consumer.stop()
     members: dict[str, int] = {}
-    for response in await admin.describe_consumer_groups(sorted(committed)):
-        for group in response.groups:
-            # (error_code, group, state, protocol_type, protocol, members, ...)
-            members[group[1]] = len(group[5])
+    for group_id in sorted(committed):
+        # one group per request: Tansu 0.6 and noida-db drop the connection when one
+        # DescribeGroups request names several groups
+        for response in await admin.describe_consumer_groups([group_id]):
+            for group in response.groups:
+                # (error_code, group, state, protocol_type, protocol, members, ...)
+                members[group[1]] = len(group[5])
     return [
         GroupInfo(
             g,

@@ -14,7 +14,8 @@ would show the rest of that batch as new.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
@@ -25,7 +26,7 @@ from herald.message import Message
 from herald.transports.base import TransportError
 from herald.transports.kafka.wire import decode_record
 
-__all__ = ["Source", "follow"]
+__all__ = ["Source", "peek"]
 
 _POLL_MS = 1000
 _CATCH_UP = 30.0  # seconds: the longest the catch-up may take before new records are shown
@@ -40,9 +41,11 @@ class Source(Protocol):
     def consumer_options(self) -> dict[str, Any]: ...
 
 
-async def follow(kafka: Source, topic: str, last: int) -> AsyncIterator[Message]:
+@asynccontextmanager
+async def peek(kafka: Source, topic: str, last: int) -> AsyncIterator[AsyncIterator[Message]]:
     """The ``last`` newest records of ``topic``, then each new one. A topic that does not exist
-    is an error (nothing is created)."""
+    is an error (nothing is created). On entering, every partition's position is fixed: what is
+    published after that is shown."""
     consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **kafka.consumer_options())
     try:
         await consumer.start()
@@ -57,15 +60,12 @@ async def follow(kafka: Source, topic: str, last: int) -> AsyncIterator[Message]
         ends = await consumer.end_offsets(tps)
         for tp in tps:
             consumer.seek(tp, max(begins[tp], ends[tp] - last))
-        backlog, fresh = await _catch_up(consumer, tps)
-        for message in _in_order(backlog)[len(backlog) - last :] if last else ():
-            yield message
-        for message in _in_order(fresh):
-            yield message
-        while True:
-            batch = await consumer.getmany(timeout_ms=_POLL_MS)
-            for message in _in_order([r for rs in batch.values() for r in rs]):
-                yield message
+        target, early = await _watermarks(consumer, tps)
+        messages = _follow(consumer, tps, target, early, last)  # an async generator
+        try:
+            yield messages
+        finally:
+            await messages.aclose()
     except KafkaError as e:
         raise TransportError(f"{kafka.url}: cannot peek at {topic!r}: {e!r}") from None
     finally:
@@ -73,29 +73,58 @@ async def follow(kafka: Source, topic: str, last: int) -> AsyncIterator[Message]
             await consumer.stop()
 
 
-async def _catch_up(
+async def _watermarks(
     consumer: AIOKafkaConsumer, tps: list[TopicPartition]
-) -> tuple[list[ConsumerRecord], list[ConsumerRecord]]:
-    """Read up to each partition's high watermark as the first fetch response gave it:
-    return (records before it, records at or after it)."""
+) -> tuple[dict[TopicPartition, int], list[ConsumerRecord]]:
+    """Fetch until every partition's high watermark is known: where the records that existed
+    on entering end. Return those watermarks and the records fetched meanwhile."""
     target: dict[TopicPartition, int] = {}
+    early: list[ConsumerRecord] = []
+    deadline = time.monotonic() + _CATCH_UP
+    while len(target) < len(tps) and time.monotonic() < deadline:
+        batch = await consumer.getmany(timeout_ms=100)
+        early += [r for records in batch.values() for r in records]
+        for tp in tps:
+            hw = consumer.highwater(tp)
+            if tp not in target and hw is not None:
+                target[tp] = hw
+    for tp in tps:  # a partition that never answered: from where it was sought, all is new
+        target.setdefault(tp, await consumer.position(tp))
+    return target, early
+
+
+async def _follow(
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    target: dict[TopicPartition, int],
+    early: list[ConsumerRecord],
+    last: int,
+) -> AsyncGenerator[Message, None]:
     backlog: list[ConsumerRecord] = []
     fresh: list[ConsumerRecord] = []
+
+    def sort(records: list[ConsumerRecord]) -> None:
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            (backlog if r.offset < target[tp] else fresh).append(r)
+
+    sort(early)
     deadline = time.monotonic() + _CATCH_UP
     while time.monotonic() < deadline:
+        positions = [await consumer.position(tp) for tp in tps]
+        if all(pos >= target[tp] for tp, pos in zip(tps, positions, strict=True)):
+            break
         batch = await consumer.getmany(timeout_ms=200)
-        for tp in tps:
-            if tp not in target and consumer.highwater(tp) is not None:
-                target[tp] = consumer.highwater(tp)
-        for tp, records in batch.items():
-            end = target.get(tp)
-            for r in records:
-                (backlog if end is None or r.offset < end else fresh).append(r)
-        if len(target) == len(tps):
-            positions = [await consumer.position(tp) for tp in tps]
-            if all(pos >= target[tp] for tp, pos in zip(tps, positions, strict=True)):
-                break
-    return backlog, fresh
+        sort([r for records in batch.values() for r in records])
+    if last:
+        for message in _in_order(backlog)[-last:]:
+            yield message
+    for message in _in_order(fresh):
+        yield message
+    while True:
+        batch = await consumer.getmany(timeout_ms=_POLL_MS)
+        for message in _in_order([r for rs in batch.values() for r in rs]):
+            yield message
 
 
 def _in_order(records: list[ConsumerRecord]) -> list[Message]:

@@ -58,6 +58,7 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
 import anyio
@@ -83,10 +84,9 @@ from herald.transports.base import (
     check_peek,
     validate_name,
 )
-from herald.transports.kafka import listing
+from herald.transports.kafka import listing, peek
 from herald.transports.kafka.member import GroupMember
 from herald.transports.kafka.options import parse_url, redact_url
-from herald.transports.kafka.peek import follow
 from herald.transports.kafka.subscription import KafkaSubscription
 from herald.transports.kafka.transactions import KafkaTransactions
 from herald.transports.kafka.wire import encode_headers, record_size, retry_topic
@@ -345,11 +345,13 @@ class KafkaTransport(Transport):
 
     # -- read-only tooling ---------------------------------------------------------------
 
-    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
         """A consumer with no group on every partition (see :mod:`herald.transports.kafka.peek`)."""
         check_peek(self, topic, last)
         self._require()
-        return follow(self, topic, last)
+        return peek.peek(self, topic, last)
 
     async def list_topics(self) -> list[TopicInfo]:
         _, admin = self._require()

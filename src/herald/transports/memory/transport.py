@@ -19,7 +19,8 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import ClassVar
 
 import anyio
@@ -284,14 +285,20 @@ class MemoryTransport(Transport):
         self._subs.add(sub)
         return sub
 
-    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+    @asynccontextmanager
+    async def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[AsyncIterator[Message]]:
         """The ``last`` newest messages still in the topic's log, then each new one; with an
         offset of its own, so no group's cursor moves."""
         check_peek(self, topic, last)
-        return self._follow(self._require_bus(), self._require_bus().topic(topic), last)
+        bus = self._require_bus()
+        t = bus.topic(topic)
+        messages = self._follow(bus, t, t.base + max(0, len(t.log) - last))
+        try:
+            yield messages
+        finally:
+            await messages.aclose()
 
-    async def _follow(self, bus: _Bus, t: _Topic, last: int) -> AsyncIterator[Message]:
-        position = t.base + max(0, len(t.log) - last)
+    async def _follow(self, bus: _Bus, t: _Topic, position: int) -> AsyncGenerator[Message, None]:
         while self._bus is bus:
             changed = t.changed  # taken before reading: a publish meanwhile still wakes us
             position = max(position, t.base)  # trimmed past us: what is gone is gone

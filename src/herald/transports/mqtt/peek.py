@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 import anyio
@@ -24,7 +25,7 @@ from herald.transports.mqtt.connection import Connection
 from herald.transports.mqtt.options import MqttOptions
 from herald.transports.mqtt.wire import decode_message
 
-__all__ = ["Source", "follow"]
+__all__ = ["Source", "peek"]
 
 
 class Source(Protocol):
@@ -36,8 +37,9 @@ class Source(Protocol):
     def mqtt_topic(self, topic: str) -> str: ...
 
 
-async def follow(source: Source, topic: str) -> AsyncIterator[Message]:
-    """Every message published to ``topic`` from now on, until the connection drops."""
+@asynccontextmanager
+async def peek(source: Source, topic: str) -> AsyncIterator[AsyncIterator[Message]]:
+    """Every message published to ``topic`` after entering, until the connection drops."""
     inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
     conn = Connection(
         source.options,
@@ -49,20 +51,29 @@ async def follow(source: Source, topic: str) -> AsyncIterator[Message]:
     await conn.open()
     try:
         conn.paho.manual_ack_set(False)  # nothing to hold back: paho acks each QoS 1 message
-        await conn._client.subscribe(source.mqtt_topic(topic), qos=1)
-        while True:
-            msg: paho.MQTTMessage | None = None
-            with anyio.move_on_after(1.0):
-                msg = await inbox.get()
-            if msg is None:
-                if not conn.alive:
-                    raise TransportError(
-                        f"MQTT broker {source.options.url}: the peek at {topic!r} lost its "
-                        "connection"
-                    )
-                continue
-            props = getattr(msg, "properties", None)
-            yield decode_message(topic, bytes(msg.payload), props).message
+        await conn._client.subscribe(source.mqtt_topic(topic), qos=1)  # returns on SUBACK
+        messages = _follow(source.options.url, conn, inbox, topic)
+        try:
+            yield messages
+        finally:
+            await messages.aclose()
     finally:
         with anyio.CancelScope(shield=True):
             await conn.close()
+
+
+async def _follow(
+    url: str, conn: Connection, inbox: asyncio.Queue[paho.MQTTMessage], topic: str
+) -> AsyncGenerator[Message, None]:
+    while True:
+        msg: paho.MQTTMessage | None = None
+        with anyio.move_on_after(1.0):
+            msg = await inbox.get()
+        if msg is None:
+            if not conn.alive:
+                raise TransportError(
+                    f"MQTT broker {url}: the peek at {topic!r} lost its connection"
+                )
+            continue
+        props = getattr(msg, "properties", None)
+        yield decode_message(topic, bytes(msg.payload), props).message

@@ -87,6 +87,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
 import anyio
@@ -104,9 +105,9 @@ from herald.transports.base import (
     check_peek,
     validate_name,
 )
+from herald.transports.mqtt import peek
 from herald.transports.mqtt.connection import Connection, ConnectionLost, Item, reconnect
 from herald.transports.mqtt.options import MqttOptions, parse_url
-from herald.transports.mqtt.peek import follow
 from herald.transports.mqtt.slots import acquire_slot, client_id
 from herald.transports.mqtt.subscription import MqttSubscription
 from herald.transports.mqtt.wire import encode_properties
@@ -258,13 +259,15 @@ class MqttTransport(Transport):
         self._subs.add(sub)
         return sub
 
-    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
         """A plain subscription on a clean session of its own (see
         :mod:`herald.transports.mqtt.peek`); ``last`` is refused (no replay)."""
         check_peek(self, topic, last)
         if self._closed:
             raise TransportError(f"MQTT transport {self.url} is closed")
-        return follow(self, topic)
+        return peek.peek(self, topic)
 
     async def list_topics(self) -> list[TopicInfo]:
         raise TransportError(_NO_LISTING.format(what="topics", url=self.url))

@@ -10,7 +10,8 @@ the server removes it after ``_INACTIVE`` seconds without a pull request.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Protocol, TypeVar
 
 import anyio
@@ -18,13 +19,14 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 from nats.js.manager import JetStreamManager
 
 from herald.message import Message
 from herald.transports.base import TransportError
 from herald.transports.nats.wire import decode_message, stream_name, subject_for
 
-__all__ = ["Source", "follow"]
+__all__ = ["Source", "peek"]
 
 T = TypeVar("T")
 
@@ -46,7 +48,8 @@ class Source(Protocol):
     async def _api(self, what: str, call: Callable[[], Awaitable[T]]) -> T: ...
 
 
-async def follow(source: Source, topic: str, last: int) -> AsyncIterator[Message]:
+@asynccontextmanager
+async def peek(source: Source, topic: str, last: int) -> AsyncIterator[AsyncIterator[Message]]:
     """The ``last`` newest messages of ``topic``'s stream, then each new one. A topic without a
     stream yet is an error (nothing is created)."""
     nc = source._require()
@@ -70,21 +73,32 @@ async def follow(source: Source, topic: str, last: int) -> AsyncIterator[Message
     else:
         config.deliver_policy = DeliverPolicy.NEW
     js = nc.jetstream()
-    pull = await source._api(
-        f"create a peek consumer on {stream!r}",
-        lambda: js.pull_subscribe(subject_for(topic), durable=None, stream=stream, config=config),
-    )
     try:
-        while True:
-            try:
-                batch = await pull.fetch(_BATCH, timeout=_PULL)
-            except nats.errors.TimeoutError:
-                continue
-            for msg in batch:
-                headers = dict(msg.headers) if msg.headers else None
-                yield decode_message(topic, msg.data, headers, msg.metadata.sequence.stream)
+        pull = await source._api(
+            f"create a peek consumer on {stream!r}",
+            lambda: js.pull_subscribe(subject_for(topic), stream=stream, config=config),
+        )
+    except nats.js.errors.APIError as e:
+        raise TransportError(f"NATS {source.url}: cannot peek at {topic!r}: {e}") from None
+    messages = _follow(pull, topic)
+    try:
+        yield messages
     finally:
+        await messages.aclose()
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await pull.unsubscribe()
             if config.name:
                 await jsm.delete_consumer(stream, config.name)
+
+
+async def _follow(
+    pull: JetStreamContext.PullSubscription, topic: str
+) -> AsyncGenerator[Message, None]:
+    while True:
+        try:
+            batch = await pull.fetch(_BATCH, timeout=_PULL)
+        except nats.errors.TimeoutError:
+            continue
+        for msg in batch:
+            headers = dict(msg.headers) if msg.headers else None
+            yield decode_message(topic, msg.data, headers, msg.metadata.sequence.stream)

@@ -109,6 +109,7 @@ import json
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 
@@ -141,9 +142,8 @@ from herald.transports.base import (
     check_peek,
     validate_name,
 )
+from herald.transports.nats import listing, peek
 from herald.transports.nats.options import NatsOptions, parse_url
-from herald.transports.nats import listing
-from herald.transports.nats.peek import follow
 from herald.transports.nats.subscription import (
     TRANSIENT as _TRANSIENT,
 )
@@ -616,24 +616,32 @@ class NatsTransport(Transport):
 
     # --- read-only tooling -------------------------------------------------------------------
 
-    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
         """An ephemeral consumer without acks (see :mod:`herald.transports.nats.peek`)."""
         check_peek(self, topic, last)
         self._require()
-        return follow(self, topic, last)
+        return peek.peek(self, topic, last)
 
     async def list_topics(self) -> list[TopicInfo]:
         self._require()
         jsm = self._jsm
         assert jsm is not None
-        return await self._api("list streams", lambda: listing.topics(jsm))
+        try:
+            return await self._api("list streams", lambda: listing.topics(jsm))
+        except nats.js.errors.APIError as e:
+            raise TransportError(f"NATS {self._safe_url}: cannot list streams: {e}") from None
 
     async def list_groups(self, topic: str) -> list[GroupInfo]:
         validate_name("topic", topic)
         self._require()
         jsm = self._jsm
         assert jsm is not None
-        return await self._api("list consumers", lambda: listing.groups(jsm, topic))
+        try:
+            return await self._api("list consumers", lambda: listing.groups(jsm, topic))
+        except nats.js.errors.APIError as e:
+            raise TransportError(f"NATS {self._safe_url}: cannot list consumers: {e}") from None
 
     async def _confirm(self, subjects: Sequence[str], body: bytes, what: str) -> None:
         """Send ``body`` to each ack subject; the last as a request whose reply confirms that

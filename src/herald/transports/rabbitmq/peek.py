@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Protocol, cast
 
 import aiormq
@@ -30,7 +31,7 @@ from herald.transports.base import TransportError
 from herald.transports.rabbitmq.connection import GONE, Link
 from herald.transports.rabbitmq.wire import decode, exchange_name, parked_name
 
-__all__ = ["Source", "follow"]
+__all__ = ["Source", "peek"]
 
 _PREFETCH = 256
 _PATIENCE = 30.0  # seconds to wait for a lost connection before opening the peek
@@ -45,8 +46,9 @@ class Source(Protocol):
     def _link_or_fail(self) -> Link: ...
 
 
-async def follow(source: Source, topic: str) -> AsyncIterator[Message]:
-    """Every message published to ``topic`` from now on, until the channel closes."""
+@asynccontextmanager
+async def peek(source: Source, topic: str) -> AsyncIterator[AsyncIterator[Message]]:
+    """Every message published to ``topic`` after entering, until the channel closes."""
     link = source._link_or_fail()
     ch = await link.channel(_PATIENCE)
     try:
@@ -65,22 +67,11 @@ async def follow(source: Source, topic: str) -> AsyncIterator[Message]:
         inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
         await ch.basic_qos(prefetch_count=_PREFETCH)
         await ch.basic_consume(queue, inbox.put, no_ack=False)
-        while True:
-            msg: DeliveredMessage | None = None
-            with anyio.move_on_after(1.0):
-                msg = await inbox.get()
-            if msg is None:
-                if ch.is_closed:
-                    raise TransportError(
-                        f"RabbitMQ at {source.url}: the peek at {topic!r} lost its channel"
-                    )
-                continue
-            frame = cast(Basic.Deliver, msg.delivery)
-            message, _ = decode(
-                topic, frame.routing_key or "", msg.header.properties, msg.body, False
-            )
-            yield message
-            await ch.basic_ack(frame.delivery_tag or 0)
+        messages = _follow(source.url, ch, inbox, topic)
+        try:
+            yield messages
+        finally:
+            await messages.aclose()
     except GONE as e:
         raise TransportError(
             f"RabbitMQ at {source.url}: the peek at {topic!r} failed: {link.scrub(e)}"
@@ -88,6 +79,26 @@ async def follow(source: Source, topic: str) -> AsyncIterator[Message]:
     finally:
         with anyio.CancelScope(shield=True), contextlib.suppress(*GONE, OSError):
             await ch.close()  # the exclusive queue goes with it
+
+
+async def _follow(
+    url: str,
+    ch: aiormq.abc.AbstractChannel,
+    inbox: asyncio.Queue[DeliveredMessage],
+    topic: str,
+) -> AsyncGenerator[Message, None]:
+    while True:
+        msg: DeliveredMessage | None = None
+        with anyio.move_on_after(1.0):
+            msg = await inbox.get()
+        if msg is None:
+            if ch.is_closed:
+                raise TransportError(f"RabbitMQ at {url}: the peek at {topic!r} lost its channel")
+            continue
+        frame = cast(Basic.Deliver, msg.delivery)
+        message, _ = decode(topic, frame.routing_key or "", msg.header.properties, msg.body, False)
+        yield message
+        await ch.basic_ack(frame.delivery_tag or 0)
 
 
 async def _refuse_parked(link: Link, url: str, topic: str) -> None:

@@ -111,6 +111,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, cast
 
 import aiormq
@@ -129,9 +130,9 @@ from herald.transports.base import (
     check_peek,
     validate_name,
 )
+from herald.transports.rabbitmq import peek
 from herald.transports.rabbitmq.connection import GONE, Link
 from herald.transports.rabbitmq.options import Options, parse_url
-from herald.transports.rabbitmq.peek import follow
 from herald.transports.rabbitmq.subscription import RabbitMQSubscription
 from herald.transports.rabbitmq.wire import (
     MAX_PAYLOAD,
@@ -403,13 +404,15 @@ class RabbitMQTransport(Transport):
 
     # -- read-only tooling -------------------------------------------------------------
 
-    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
         """A private queue bound to the topic's exchange (see
         :mod:`herald.transports.rabbitmq.peek`); ``last`` is refused (no replay)."""
         self._check_topic(topic)
         check_peek(self, topic, last)
         self._link_or_fail()
-        return follow(self, topic)
+        return peek.peek(self, topic)
 
     async def list_topics(self) -> list[TopicInfo]:
         raise TransportError(_NO_LISTING.format(what="topics", url=self.url))

@@ -7,7 +7,8 @@ of the groups' retry streams (redeliveries) are not shown; the topic's stream is
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -18,7 +19,7 @@ from herald.message import Message
 from herald.transports.base import TransportError
 from herald.transports.redis.wire import entry_message
 
-__all__ = ["Caller", "follow"]
+__all__ = ["Caller", "peek"]
 
 T = TypeVar("T")
 
@@ -37,16 +38,30 @@ class Caller(Protocol):
     async def _call(self, what: str, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T: ...
 
 
-async def follow(redis: Caller, topic: str, last: int) -> AsyncIterator[Message]:
+@asynccontextmanager
+async def peek(redis: Caller, topic: str, last: int) -> AsyncIterator[AsyncIterator[Message]]:
     """The ``last`` newest entries of ``topic``'s stream, then each new one, until the
     transport closes. A topic that does not exist yet is waited for, not created."""
     try:
         newest: Any = await redis._call(
             f"peek at {topic!r}", lambda c: c.xrevrange(topic, "+", "-", count=max(1, last))
         )
-        cursor: bytes = newest[0][0] if newest else b"0-0"
-        for eid, fields in reversed(newest[:last]):
-            yield _message(topic, eid, fields)
+    except ResponseError as e:  # WRONGTYPE: the key is not a stream
+        raise TransportError(f"redis at {redis.url}: cannot peek at {topic!r}: {e}") from None
+    cursor: bytes = newest[0][0] if newest else b"0-0"
+    messages = _follow(redis, topic, cursor, newest[:last][::-1])
+    try:
+        yield messages
+    finally:
+        await messages.aclose()
+
+
+async def _follow(
+    redis: Caller, topic: str, cursor: bytes, first: list[Any]
+) -> AsyncGenerator[Message, None]:
+    for eid, fields in first:
+        yield _message(topic, eid, fields)
+    try:
         while not redis._closed:
             reply: Any = await redis._call(
                 f"peek at {topic!r}",

@@ -118,6 +118,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, TypeVar
 
 import anyio
@@ -140,9 +141,8 @@ from herald.transports.base import (
     check_peek,
     validate_name,
 )
-from herald.transports.redis import listing, lua
+from herald.transports.redis import listing, lua, peek
 from herald.transports.redis.options import RedisOptions, parse_url
-from herald.transports.redis.peek import follow
 from herald.transports.redis.subscription import RedisSubscription
 from herald.transports.redis.wire import (
     as_str,
@@ -411,12 +411,14 @@ class RedisTransport(Transport):
 
     # --- read-only tooling -----------------------------------------------------------------
 
-    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
         """``XREVRANGE``, then ``XREAD BLOCK`` without a group (see
         :mod:`herald.transports.redis.peek`)."""
         check_peek(self, topic, last)
         self._require()
-        return follow(self, topic, last)
+        return peek.peek(self, topic, last)
 
     async def list_topics(self) -> list[TopicInfo]:
         return await self._call("list topics", listing.topics)

@@ -9,7 +9,8 @@ is still retained.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -19,7 +20,7 @@ from herald.message import Message
 from herald.transports.sqlite.options import SqliteOptions
 from herald.transports.sqlite.subscription import COLUMNS, row_message
 
-__all__ = ["Reader", "follow"]
+__all__ = ["Reader", "peek"]
 
 T = TypeVar("T")
 
@@ -38,7 +39,8 @@ class Reader(Protocol):
     async def _read(self, action: str, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
 
-async def follow(db: Reader, topic: str, last: int) -> AsyncIterator[Message]:
+@asynccontextmanager
+async def peek(db: Reader, topic: str, last: int) -> AsyncIterator[AsyncIterator[Message]]:
     """The ``last`` newest retained messages of ``topic``, then each new one, until ``db``
     closes. Waits are woken by this process's publishes and otherwise poll every
     ``poll_interval``, like a consumer's."""
@@ -53,6 +55,16 @@ async def follow(db: Reader, topic: str, last: int) -> AsyncIterator[Message]:
         return int(top), rows[::-1]
 
     position, rows = await db._read("peek", newest)
+    messages = _follow(db, topic, position, rows)
+    try:
+        yield messages
+    finally:
+        await messages.aclose()
+
+
+async def _follow(
+    db: Reader, topic: str, position: int, rows: list[Any]
+) -> AsyncGenerator[Message, None]:
     while True:
         for row in rows:
             yield row_message(topic, row)

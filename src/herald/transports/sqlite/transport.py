@@ -68,6 +68,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import lru_cache
 from typing import Any, ClassVar, TypeVar
 
@@ -86,9 +87,8 @@ from herald.transports.base import (
     check_peek,
     validate_name,
 )
-from herald.transports.sqlite import listing
+from herald.transports.sqlite import listing, peek
 from herald.transports.sqlite.options import SqliteOptions, parse_sqlite_url
-from herald.transports.sqlite.peek import follow
 from herald.transports.sqlite.subscription import SqliteSubscription
 
 __all__ = ["SqliteSubscription", "SqliteTransport"]
@@ -410,12 +410,14 @@ class SqliteTransport(Transport):
         self._subscriptions.add(sub)
         return sub
 
-    def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[Message]:
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
         """``SELECT`` by ``seq``: the ``last`` newest retained messages, then each new one (see
         :mod:`herald.transports.sqlite.peek`)."""
         check_peek(self, topic, last)
         self._check_connected()
-        return follow(self, topic, last)
+        return peek.peek(self, topic, last)
 
     async def list_topics(self) -> list[TopicInfo]:
         return await self._read("list topics", listing.topics)

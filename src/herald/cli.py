@@ -20,6 +20,7 @@ import herald
 from herald.cli_common import BROKER_ENV, BrokerOpt, err, fail, need_broker
 from herald.cli_dlq import dlq_cli
 from herald.cli_inspect import groups, tail, topics
+from herald.eventsourcing.cli import projections_cli
 from herald.loading import load_app
 from herald.message import (
     CONTENT_TYPE,
@@ -230,14 +231,10 @@ def bench(
 # --- sub-commands ----------------------------------------------------------------------------
 
 cli.add_typer(dlq_cli, name="dlq")
+cli.add_typer(projections_cli, name="projections")
 cli.command()(tail)
 cli.command()(topics)
 cli.command()(groups)
-
-
-from herald.eventsourcing.cli import projections_cli  # noqa: E402  (the CLI is the top layer)
-
-cli.add_typer(projections_cli, name="projections")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import herald
-from herald.cli_common import BROKER_ENV, BrokerOpt, err, fail, need_broker
+from herald.cli_common import BROKER_ENV, BrokerOpt, err, fail, name_values, need_broker
 from herald.cli_dlq import dlq_cli
 from herald.cli_inspect import groups, tail, topics
 from herald.eventsourcing.cli import projections_cli
@@ -110,12 +110,7 @@ def publish(
         json.loads(payload)
     except json.JSONDecodeError as e:
         raise _fail(f"payload is not valid JSON: {e}") from e
-    headers: dict[str, str] = {}
-    for h in header or []:
-        name, sep, value = h.partition("=")
-        if not sep or not name:
-            raise _fail(f"--header takes NAME=VALUE, got {h!r}")
-        headers[name] = value
+    headers = name_values("--header", header)
     mid = new_id()
     msg = Message(
         id=mid,

@@ -33,6 +33,7 @@ __all__ = [
     "err",
     "fail",
     "message_json",
+    "name_values",
     "need_broker",
     "print_json",
     "run",
@@ -77,6 +78,17 @@ def need_broker(url: str | None) -> str:
             "sqlite:///<app name>.db)"
         )
     return url
+
+
+def name_values(option: str, items: list[str] | None) -> dict[str, str]:
+    """The ``NAME=VALUE`` items of a repeatable option as a dict (bad input exits 2)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise fail(f"{option} takes NAME=VALUE, got {item!r}")
+        out[name] = value
+    return out
 
 
 def run(work: Callable[[], Awaitable[T]]) -> T:

@@ -22,6 +22,7 @@ from herald.cli_common import (
     err,
     fail,
     message_json,
+    name_values,
     need_broker,
     print_json,
     run,
@@ -51,12 +52,7 @@ TypeOpt = Annotated[str | None, typer.Option("--type", help="Only letters of thi
 
 
 def _where(match: list[str] | None, type_: str | None) -> Callable[[Message], bool] | None:
-    wanted: dict[str, str] = {}
-    for item in match or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise fail(f"--match takes NAME=VALUE, got {item!r}")
-        wanted[name] = value
+    wanted = name_values("--match", match)
     if not wanted and type_ is None:
         return None
 

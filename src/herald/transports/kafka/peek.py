@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
@@ -61,11 +61,8 @@ async def peek(kafka: Source, topic: str, last: int) -> AsyncIterator[AsyncItera
         for tp in tps:
             consumer.seek(tp, max(begins[tp], ends[tp] - last))
         target, early = await _watermarks(consumer, tps)
-        messages = _follow(consumer, tps, target, early, last)  # an async generator
-        try:
+        async with aclosing(_follow(consumer, tps, target, early, last)) as messages:
             yield messages
-        finally:
-            await messages.aclose()
     except KafkaError as e:
         raise TransportError(f"{kafka.url}: cannot peek at {topic!r}: {e!r}") from None
     finally:

@@ -20,7 +20,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import ClassVar
 
 import anyio
@@ -292,11 +292,8 @@ class MemoryTransport(Transport):
         check_peek(self, topic, last)
         bus = self._require_bus()
         t = bus.topic(topic)
-        messages = self._follow(bus, t, t.base + max(0, len(t.log) - last))
-        try:
+        async with aclosing(self._follow(bus, t, t.base + max(0, len(t.log) - last))) as messages:
             yield messages
-        finally:
-            await messages.aclose()
 
     async def _follow(self, bus: _Bus, t: _Topic, position: int) -> AsyncGenerator[Message, None]:
         while self._bus is bus:

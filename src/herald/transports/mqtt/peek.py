@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Protocol
 
 import anyio
@@ -52,11 +52,8 @@ async def peek(source: Source, topic: str) -> AsyncIterator[AsyncIterator[Messag
     try:
         conn.paho.manual_ack_set(False)  # nothing to hold back: paho acks each QoS 1 message
         await conn._client.subscribe(source.mqtt_topic(topic), qos=1)  # returns on SUBACK
-        messages = _follow(source.options.url, conn, inbox, topic)
-        try:
+        async with aclosing(_follow(source.options.url, conn, inbox, topic)) as messages:
             yield messages
-        finally:
-            await messages.aclose()
     finally:
         with anyio.CancelScope(shield=True):
             await conn.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Protocol, TypeVar
 
 import anyio
@@ -80,11 +80,8 @@ async def peek(source: Source, topic: str, last: int) -> AsyncIterator[AsyncIter
         )
     except nats.js.errors.APIError as e:
         raise TransportError(f"NATS {source.url}: cannot peek at {topic!r}: {e}") from None
-    messages = _follow(pull, topic)
-    try:
+    async with aclosing(_follow(pull, topic)) as messages:
         yield messages
-    finally:
-        await messages.aclose()
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await pull.unsubscribe()
             if config.name:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Protocol, cast
 
 import aiormq
@@ -67,11 +67,8 @@ async def peek(source: Source, topic: str) -> AsyncIterator[AsyncIterator[Messag
         inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
         await ch.basic_qos(prefetch_count=_PREFETCH)
         await ch.basic_consume(queue, inbox.put, no_ack=False)
-        messages = _follow(source.url, ch, inbox, topic)
-        try:
+        async with aclosing(_follow(source.url, ch, inbox, topic)) as messages:
             yield messages
-        finally:
-            await messages.aclose()
     except GONE as e:
         raise TransportError(
             f"RabbitMQ at {source.url}: the peek at {topic!r} failed: {link.scrub(e)}"

@@ -8,7 +8,7 @@ of the groups' retry streams (redeliveries) are not shown; the topic's stream is
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -49,11 +49,8 @@ async def peek(redis: Caller, topic: str, last: int) -> AsyncIterator[AsyncItera
     except ResponseError as e:  # WRONGTYPE: the key is not a stream
         raise TransportError(f"redis at {redis.url}: cannot peek at {topic!r}: {e}") from None
     cursor: bytes = newest[0][0] if newest else b"0-0"
-    messages = _follow(redis, topic, cursor, newest[:last][::-1])
-    try:
+    async with aclosing(_follow(redis, topic, cursor, newest[:last][::-1])) as messages:
         yield messages
-    finally:
-        await messages.aclose()
 
 
 async def _follow(

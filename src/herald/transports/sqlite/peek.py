@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -55,11 +55,8 @@ async def peek(db: Reader, topic: str, last: int) -> AsyncIterator[AsyncIterator
         return int(top), rows[::-1]
 
     position, rows = await db._read("peek", newest)
-    messages = _follow(db, topic, position, rows)
-    try:
+    async with aclosing(_follow(db, topic, position, rows)) as messages:
         yield messages
-    finally:
-        await messages.aclose()
 
 
 async def _follow(

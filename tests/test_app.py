@@ -11,7 +11,7 @@ import pydantic
 import pytest
 
 from herald import App, Context, Message, Permanent, Retry, dead_letter_topic
-from herald.dlq import TOOL_GROUP
+from herald.dlq import tool_group
 from herald.message import new_id
 
 from .conftest import topic, wait_until
@@ -39,7 +39,7 @@ class PaymentCaptured(msgspec.Struct):
 async def read_topic(url_app: App, name: str, n: int, timeout: float = 10) -> list[Message]:
     """Read ``n`` dead letters (or skipped messages) of ``name`` as the DLQ tooling does: in its
     group, which the app makes sure exists on brokers that keep messages only for groups."""
-    sub = await url_app.transport.subscribe(name, TOOL_GROUP)
+    sub = await url_app.transport.subscribe(name, tool_group(name))
     out: list[Message] = []
     try:
         with anyio.fail_after(timeout):

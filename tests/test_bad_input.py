@@ -14,7 +14,7 @@ import pydantic
 import pytest
 
 from herald import App, Message, dead_letter_topic
-from herald.dlq import TOOL_GROUP
+from herald.dlq import tool_group
 from herald.message import new_id
 from herald.transports import Subscription
 
@@ -78,7 +78,8 @@ async def test_malformed_flood_is_dead_lettered_and_good_messages_handled(
         big = min(BIG, limit - 1024) if limit else BIG
         backlog = app.transport.features.max_backlog
         stats = app.consumers[0].stats
-        sub = await app.transport.subscribe(dead_letter_topic(t, "ingest"), TOOL_GROUP)
+        dlq_topic = dead_letter_topic(t, "ingest")
+        sub = await app.transport.subscribe(dlq_topic, tool_group(dlq_topic))
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_dead_letters, sub)
             sent = 0

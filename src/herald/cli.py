@@ -1,20 +1,26 @@
-"""The ``herald`` command line: run workers, publish, demo, benchmark."""
+"""The ``herald`` command line: run workers, publish, tail, list, demo, benchmark, dead letters.
+
+The sub-commands live in ``cli_inspect`` (tail, topics, groups) and ``cli_dlq`` (dlq ...);
+what they share, and the rule for ``--broker``, in ``cli_common``.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import anyio
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from herald.dlq import DeadLetters
+import herald
+from herald.cli_common import BROKER_ENV, BrokerOpt, err, fail, name_values, need_broker
+from herald.cli_dlq import dlq_cli
+from herald.cli_inspect import groups, tail, topics
+from herald.eventsourcing.cli import projections_cli
 from herald.lifecycle import StartAborted, stop_signals_abort_start
 from herald.loading import load_app
 from herald.message import (
@@ -32,19 +38,36 @@ __all__ = ["cli", "main"]
 
 cli = typer.Typer(
     name="herald",
-    help="Typed event-driven messaging: run workers, publish events, demo, benchmark.",
+    help=(
+        "Typed event-driven messaging: run workers, publish events, watch topics, handle dead "
+        f"letters, demo, benchmark. Commands that read or write your messages need --broker "
+        f"URL or ${BROKER_ENV}."
+    ),
     no_args_is_help=True,
     add_completion=False,
 )
-err = Console(stderr=True)
 
 BENCH_TRANSPORTS = ("memory", "sqlite", "redis", "rabbitmq", "kafka", "nats", "mqtt")
-T = TypeVar("T")
+
+_fail = fail  # the name the commands below use
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"herald {herald.__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version, exit."
+        ),
+    ] = False,
+) -> None:
+    pass
 
 
 @cli.command()
@@ -79,9 +102,7 @@ def run(
 def publish(
     topic: Annotated[str, typer.Argument(help="Topic to publish to.")],
     payload: Annotated[str, typer.Argument(help="The event as JSON.")],
-    broker: Annotated[str, typer.Option(help="Broker URL.", envvar="HERALD_BROKER")] = (
-        "sqlite:///herald.db"
-    ),
+    broker: BrokerOpt = None,
     key: Annotated[str | None, typer.Option(help="Ordering/partition key.")] = None,
     type: Annotated[str | None, typer.Option("--type", help="Event type name.")] = None,
     header: Annotated[
@@ -89,16 +110,12 @@ def publish(
     ] = None,
 ) -> None:
     """Publish one JSON event and print its message id."""
+    url = need_broker(broker)
     try:
         json.loads(payload)
     except json.JSONDecodeError as e:
         raise _fail(f"payload is not valid JSON: {e}") from e
-    headers: dict[str, str] = {}
-    for h in header or []:
-        name, sep, value = h.partition("=")
-        if not sep or not name:
-            raise _fail(f"--header takes NAME=VALUE, got {h!r}")
-        headers[name] = value
+    headers = name_values("--header", header)
     mid = new_id()
     msg = Message(
         id=mid,
@@ -116,7 +133,7 @@ def publish(
     )
 
     async def send() -> None:
-        async with open_transport(broker) as transport:
+        async with open_transport(url) as transport:
             await transport.publish(topic, [msg])
 
     try:
@@ -131,7 +148,12 @@ def publish(
 @cli.command()
 def demo(
     broker: Annotated[
-        str | None, typer.Option(help="Broker URL (default: a fresh SQLite file).")
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help=f"Broker URL. Default: a fresh SQLite file, deleted afterwards (the demo makes "
+            f"its own data, so it does not read ${BROKER_ENV}).",
+        ),
     ] = None,
     orders: Annotated[int, typer.Option(min=1, help="How many orders to place.")] = 100,
     seed: Annotated[int, typer.Option(help="Random seed for the order mix.")] = 7,
@@ -145,7 +167,14 @@ def demo(
 @cli.command()
 def bench(
     transport: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCH_TRANSPORTS)}.")],
-    broker: Annotated[str | None, typer.Option(help="Broker URL (default per transport).")] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help=f"Broker URL. Default: the local server of TRANSPORT, or a fresh file or bus "
+            f"(the benchmark makes its own topics, so it does not read ${BROKER_ENV}).",
+        ),
+    ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Number of events.")] = 200_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -199,155 +228,15 @@ def bench(
         )
 
 
-# --- dead letters --------------------------------------------------------------------------
+# --- sub-commands ----------------------------------------------------------------------------
 
-dlq_cli = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 cli.add_typer(dlq_cli, name="dlq")
-
-BrokerOpt = Annotated[str, typer.Option(help="Broker URL.", envvar="HERALD_BROKER")]
-DlqTopic = Annotated[str, typer.Argument(help="The dead-letter topic, e.g. orders.billing.dlq.")]
-LimitOpt = Annotated[int | None, typer.Option(min=1, help="At most this many.")]
-MatchOpt = Annotated[
-    list[str] | None,
-    typer.Option("--match", help="Only letters whose header NAME equals VALUE (NAME=VALUE)."),
-]
-TypeOpt = Annotated[str | None, typer.Option("--type", help="Only letters of this event type.")]
-
-
-def _where(match: list[str] | None, type_: str | None) -> Callable[[Message], bool] | None:
-    wanted: dict[str, str] = {}
-    for item in match or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise _fail(f"--match takes NAME=VALUE, got {item!r}")
-        wanted[name] = value
-    if not wanted and type_ is None:
-        return None
-
-    def where(m: Message) -> bool:
-        if type_ is not None and m.type != type_:
-            return False
-        return all(m.headers.get(k) == v for k, v in wanted.items())
-
-    return where
-
-
-def _run_dlq(broker: str, topic: str, work: Callable[[DeadLetters], Awaitable[T]]) -> T:
-    async def go() -> T:
-        async with DeadLetters(broker, topic) as dlq:
-            return await work(dlq)
-
-    try:
-        return anyio.run(go)
-    except (ValueError, ImportError) as e:
-        raise _fail(str(e)) from e
-    except TransportError as e:
-        raise _fail(str(e), 1) from e
-
-
-@dlq_cli.command("list")
-def dlq_list(
-    topic: DlqTopic,
-    broker: BrokerOpt = "sqlite:///herald.db",
-    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50,
-    match: MatchOpt = None,
-    type: TypeOpt = None,
-) -> None:
-    """List dead letters, oldest first (changes nothing)."""
-    where = _where(match, type)
-    letters = _run_dlq(broker, topic, lambda d: d.list(limit, where))
-    table = Table(title=f"{len(letters)} dead letter(s) on {topic}", show_lines=False)
-    for col in ("original id", "type", "reason", "error", "attempts", "last failure"):
-        table.add_column(col, overflow="fold")
-    for m in letters:
-        h = m.headers
-        short_type = h.get("dlq.error_type", "").rsplit(".", 1)[-1]
-        error = f"{short_type}: {h.get('dlq.error', '')}".strip(": ")
-        table.add_row(
-            h.get("dlq.original_id", m.id),
-            m.type or "",
-            h.get("dlq.reason", ""),
-            error[:80],
-            h.get("dlq.attempts", ""),
-            h.get("dlq.last_failure_at", ""),
-        )
-    Console().print(table)
-
-
-@dlq_cli.command("show")
-def dlq_show(
-    topic: DlqTopic,
-    message_id: Annotated[str, typer.Argument(help="The dead letter's id or its original id.")],
-    broker: BrokerOpt = "sqlite:///herald.db",
-) -> None:
-    """Show one dead letter: headers (with the traceback) and payload."""
-    m = _run_dlq(broker, topic, lambda d: d.show(message_id))
-    if m is None:
-        raise _fail(f"no dead letter {message_id!r} on {topic}", 1)
-    out = Console()
-    out.print(f"[bold]id[/] {m.id}  [bold]type[/] {m.type}  [bold]key[/] {m.key}")
-    for k, v in sorted(m.headers.items()):
-        if k != "dlq.traceback":
-            out.print(f"[cyan]{k}[/] {v}", highlight=False)
-    if "dlq.traceback" in m.headers:
-        out.print("[bold]traceback[/]")
-        out.print(m.headers["dlq.traceback"], highlight=False, markup=False)
-    out.print("[bold]payload[/]")
-    try:
-        out.print(m.payload.decode("utf-8"), highlight=False, markup=False)
-    except UnicodeDecodeError:
-        out.print(f"<{len(m.payload)} bytes, not UTF-8> {m.payload[:64]!r}", markup=False)
-
-
-def _bulk(
-    verb: str, broker: str, topic: str, limit: int | None, where: Callable[[Message], bool] | None
-) -> None:
-    columns = (TextColumn(f"{verb} [bold]{topic}[/]"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(verb, total=limit)
-
-        def advance(done: int) -> None:
-            progress.update(task, completed=done)
-
-        async def work(dlq: DeadLetters) -> int:
-            action = dlq.replay if verb == "replaying" else dlq.purge
-            return await action(limit, where, advance)
-
-        n = _run_dlq(broker, topic, work)
-    Console().print(f"{'replayed' if verb == 'replaying' else 'purged'} {n} dead letter(s)")
-
-
-@dlq_cli.command("replay")
-def dlq_replay(
-    topic: DlqTopic,
-    broker: BrokerOpt = "sqlite:///herald.db",
-    limit: LimitOpt = None,
-    match: MatchOpt = None,
-    type: TypeOpt = None,
-) -> None:
-    """Publish dead letters back to their original topic, for the group that failed them."""
-    _bulk("replaying", broker, topic, limit, _where(match, type))
-
-
-@dlq_cli.command("purge")
-def dlq_purge(
-    topic: DlqTopic,
-    broker: BrokerOpt = "sqlite:///herald.db",
-    limit: LimitOpt = None,
-    match: MatchOpt = None,
-    type: TypeOpt = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
-) -> None:
-    """Delete dead letters for good."""
-    if not yes and not typer.confirm(f"Purge dead letters from {topic}?"):
-        raise typer.Exit(1)
-    _bulk("purging", broker, topic, limit, _where(match, type))
-
-
-from herald.eventsourcing.cli import projections_cli  # noqa: E402  (the CLI is the top layer)
-
 cli.add_typer(projections_cli, name="projections")
+cli.command()(tail)
+cli.command()(topics)
+cli.command()(groups)
 
 
 def main() -> None:
-    cli()
+    """The ``herald`` console script (also ``python -m herald``)."""
+    cli(prog_name="herald")

@@ -40,11 +40,11 @@ from herald.message import Message, utc_now_rfc3339
 from herald.middleware.base import CallNext, Middleware
 from herald.middleware.deadletter import (
     REPLAY_GROUP,
-    TOOL_GROUP,
     dead_letter,
     dead_letter_topic,
     skipped,
     skipped_topic,
+    tool_group,
 )
 from herald.middleware.dedupe import Dedupe
 from herald.middleware.retry import Retry
@@ -167,7 +167,7 @@ class GroupConsumer:
         if self._skip_unhandled:
             topics.append(skipped_topic(self.spec.topic, self.spec.group))
         for topic in topics:
-            sub = await transport.subscribe(topic, TOOL_GROUP, start="earliest")
+            sub = await transport.subscribe(topic, tool_group(topic), start="earliest")
             await sub.close()
 
     async def _fetch(self, sub: Subscription) -> list[Delivery]:

@@ -1,8 +1,10 @@
 """Dead-letter tooling: look at, replay and purge a group's dead letters.
 
 ``DeadLetters(broker, "orders.billing.dlq")`` works on one dead-letter topic (see
-:func:`herald.dead_letter_topic`). It reads through its own consumer group, ``herald.dlq``,
-on that topic:
+:func:`herald.dead_letter_topic`), or on a skipped topic ``<topic>.<group>.skipped``; any other
+topic is refused (``herald tail`` watches an ordinary topic without joining it). It reads
+through a consumer group of its own on that topic, :func:`~herald.middleware.deadletter.tool_group`
+(``herald.dlq.<digest>``), which no application group shares:
 
 * :meth:`DeadLetters.list` / :meth:`DeadLetters.show` *peek*: they fetch and then hand the
   messages back unacked, so nothing changes.
@@ -21,14 +23,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
 from herald.message import Message, new_id
-from herald.middleware.deadletter import REPLAY_GROUP, TOOL_GROUP
+from herald.middleware.deadletter import (
+    REPLAY_GROUP,
+    TOOL_GROUP,
+    is_dead_letter_topic,
+    tool_group,
+)
 from herald.transports import Transport, open_transport, validate_name
 from herald.transports.base import Delivery, Subscription
 
-__all__ = ["REPLAY_GROUP", "TOOL_GROUP", "DeadLetters"]
+__all__ = ["REPLAY_GROUP", "TOOL_GROUP", "DeadLetters", "origin", "tool_group"]
 
-# REPLAY_GROUP and TOOL_GROUP live with the dead-letter naming (the consumer needs them and
-# must not import this tool); re-exported here for the tool's users.
+# REPLAY_GROUP, TOOL_GROUP and tool_group live with the dead-letter naming (the consumer needs
+# them and must not import this tool); re-exported here for the tool's users.
 
 Where = Callable[[Message], bool]
 Progress = Callable[[int], None]
@@ -41,7 +48,16 @@ class DeadLetters:
     """One dead-letter topic on one broker. Use as ``async with DeadLetters(...) as dlq:``."""
 
     def __init__(self, broker: str | Transport, topic: str) -> None:
+        """Raises ``ValueError`` for a topic that is not a dead-letter or skipped topic: the
+        tooling's group would otherwise keep a copy of every message of an ordinary topic
+        (and, on RabbitMQ, take the messages parked for its first group)."""
         self.topic = validate_name("topic", topic)
+        if not is_dead_letter_topic(topic):
+            raise ValueError(
+                f"{topic!r} is not a dead-letter topic (<topic>.<group>.dlq) or skipped topic "
+                f"(<topic>.<group>.skipped); to watch an ordinary topic without joining it, "
+                f"use `herald tail {topic}`"
+            )
         self._own = isinstance(broker, str)
         self._transport = open_transport(broker) if isinstance(broker, str) else broker
 
@@ -74,7 +90,7 @@ class DeadLetters:
         """The dead letter with this id, or whose original message had it."""
         found = await self.list(
             limit=1,
-            where=lambda m: message_id in (m.id, m.headers.get("dlq.original_id")),
+            where=lambda m: message_id in (m.id, origin(m)[0]),
         )
         return found[0] if found else None
 
@@ -85,11 +101,13 @@ class DeadLetters:
 
         async def act(d: Delivery) -> None:
             m = d.message
-            original = m.headers.get("dlq.original_topic")
-            group = m.headers.get("dlq.group")
+            _, original, group = origin(m)
             if not original or not group:
-                raise ValueError(f"{m.id} on {self.topic} has no dlq.original_topic/dlq.group")
-            await self._transport.publish(original, [replay_of(m, group)])
+                raise ValueError(
+                    f"{m.id} on {self.topic} says neither its original topic nor its group "
+                    "(no dlq.original_topic/dlq.group or skipped.original_topic/skipped.group)"
+                )
+            await self._transport.publish(original, [replay_of(m, original, group)])
 
         return await self._each(act, limit, where, progress)
 
@@ -128,7 +146,7 @@ class DeadLetters:
         return done
 
     async def _subscribe(self) -> Subscription:
-        return await self._transport.subscribe(self.topic, TOOL_GROUP, start="earliest")
+        return await self._transport.subscribe(self.topic, tool_group(self.topic), start="earliest")
 
 
 async def _drain(sub: Subscription) -> AsyncIterator[Delivery]:
@@ -141,14 +159,28 @@ async def _drain(sub: Subscription) -> AsyncIterator[Delivery]:
             yield d
 
 
-def replay_of(letter: Message, group: str) -> Message:
+def origin(letter: Message) -> tuple[str, str | None, str | None]:
+    """``(original id, original topic, group)`` of a dead letter or a skipped message, read
+    from its ``dlq.*`` or ``skipped.*`` headers (``None`` where missing)."""
+    h = letter.headers
+    for prefix in ("dlq.", "skipped."):
+        if f"{prefix}original_id" in h:
+            return (
+                h[f"{prefix}original_id"],
+                h.get(f"{prefix}original_topic"),
+                h.get(f"{prefix}group"),
+            )
+    return letter.id, None, None
+
+
+def replay_of(letter: Message, topic: str, group: str) -> Message:
     """The message a dead letter is replayed as: the original, addressed to ``group`` only."""
-    headers = {k: v for k, v in letter.headers.items() if not k.startswith("dlq.")}
+    headers = {k: v for k, v in letter.headers.items() if not k.startswith(("dlq.", "skipped."))}
     headers[REPLAY_GROUP] = group
-    headers["replayed_from"] = letter.headers.get("dlq.original_id", letter.id)
+    headers["replayed_from"] = origin(letter)[0]
     return Message(
         id=new_id(),
-        topic=letter.headers["dlq.original_topic"],
+        topic=topic,
         payload=letter.payload,
         key=letter.key,
         type=letter.type,

@@ -2,11 +2,15 @@
 
 Each group has its own dead-letter topic, ``<topic>.<group>.dlq``, so replaying a dead letter
 concerns only the group that failed it. A dead letter keeps the original payload byte for byte
-and the original headers, and adds headers prefixed ``dlq.`` that say why.
+and the original headers, and adds headers prefixed ``dlq.`` that say why. Messages of a type
+no handler of a group takes go to ``<topic>.<group>.skipped`` with ``App(unhandled="skip")``.
+Both kinds are read by the dead-letter tooling (:mod:`herald.dlq`) in a group of its own per
+topic, :func:`tool_group`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import traceback
 
 from herald.message import Message, new_id, utc_now_rfc3339
@@ -17,16 +21,19 @@ __all__ = [
     "TOOL_GROUP",
     "dead_letter",
     "dead_letter_topic",
+    "is_dead_letter_topic",
     "skipped",
     "skipped_topic",
+    "tool_group",
 ]
 
 DLQ_PREFIX = "dlq."
 #: Header on a replayed dead letter naming the group that failed it: only that group handles
 #: the replay; the topic's other groups ack and skip it.
 REPLAY_GROUP = "replay_group"
-#: The consumer group the dead-letter tooling (:mod:`herald.dlq`) reads dead-letter topics
-#: with; a consumer joins it on its dead-letter topics where the engine cannot replay.
+#: How the names of the dead-letter tooling's groups begin: the tooling (:mod:`herald.dlq`)
+#: reads each dead-letter topic in a group of its own, :func:`tool_group`, which a consumer
+#: joins on its dead-letter topics where the engine cannot replay.
 TOOL_GROUP = "herald.dlq"
 _TRACEBACK_LIMIT = 4000  # characters; headers must stay small enough for every broker
 
@@ -81,6 +88,27 @@ def dead_letter(
 def skipped_topic(topic: str, group: str) -> str:
     """Where ``App(unhandled="skip")`` puts messages of a type no handler of ``group`` takes."""
     return f"{topic}.{group}.skipped"
+
+
+def is_dead_letter_topic(topic: str) -> bool:
+    """Whether ``topic`` is named like a dead-letter (``<topic>.<group>.dlq``) or skipped
+    (``<topic>.<group>.skipped``) topic: the topics the dead-letter tooling works on."""
+    base, dot, suffix = topic.rpartition(".")
+    return bool(dot) and suffix in ("dlq", "skipped") and "." in base.strip(".")
+
+
+def tool_group(topic: str) -> str:
+    """The group the dead-letter tooling reads ``topic`` with: ``herald.dlq.`` and a digest
+    of the topic's name, one per topic.
+
+    Per topic because on Kafka a group is one consumer group across every topic it reads: a
+    single tooling group would tie every dead-letter topic's rebalances together. A digest
+    rather than the name itself keeps the names the engines derive from it (a Kafka retry topic
+    ``<topic>.<group>.retry``, a RabbitMQ queue ``<topic>:<group>``) within their length
+    limits, and it starts ``herald.dlq.`` so it is easy to tell from an application's groups.
+    """
+    digest = hashlib.blake2b(topic.encode(), digest_size=6).hexdigest()
+    return f"{TOOL_GROUP}.{digest}"
 
 
 def skipped(message: Message, group: str) -> Message:

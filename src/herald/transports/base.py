@@ -22,13 +22,17 @@ Contract, in short:
   deliveries as one atomic step: consume-transform-produce without duplicates or losses.
 * :attr:`Transport.features` says what the engine guarantees. Code and tests branch on these
   flags, never on the transport's class.
+* Read-only tooling: :meth:`Transport.peek` watches a topic without joining any group;
+  :meth:`Transport.list_topics` / :meth:`Transport.list_groups` (where ``features.listing``)
+  say what the engine holds. None of them changes what a group receives.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self
 
@@ -37,12 +41,15 @@ from herald.message import Message
 __all__ = [
     "Delivery",
     "Features",
+    "GroupInfo",
     "PermanentTransportError",
     "Start",
     "Subscription",
+    "TopicInfo",
     "Transport",
     "TransportError",
     "by_topic",
+    "check_peek",
     "check_topology",
     "unsupported",
     "validate_name",
@@ -100,6 +107,33 @@ class Features:
     dedupes_by_id: bool = False
     #: :meth:`Subscription.commit` publishes and acks as one atomic step (a transaction).
     transactions: bool = False
+    #: :meth:`Transport.list_topics` and :meth:`Transport.list_groups` work (the engine can
+    #: enumerate its topics and a topic's groups); elsewhere they raise :class:`TransportError`.
+    listing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    """One topic, as :meth:`Transport.list_topics` reports it."""
+
+    name: str
+    #: Messages the engine holds for the topic now; ``None`` where that is not cheap to know.
+    messages: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One group of a topic, as :meth:`Transport.list_groups` reports it. A count is ``None``
+    where the engine cannot tell it cheaply."""
+
+    name: str
+    #: Messages of the topic not handed to any member of the group yet (on Kafka, where the
+    #: two cannot be told apart: not acked yet, so ``pending`` included).
+    lag: int | None = None
+    #: Messages handed to a member and not acked yet.
+    pending: int | None = None
+    #: Members connected now.
+    consumers: int | None = None
 
 
 class Delivery:
@@ -236,6 +270,43 @@ class Transport(ABC):
         a malformed pattern.
         """
 
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
+        """Watch ``topic`` without taking part in it::
+
+            async with transport.peek("orders", last=10) as messages:
+                async for message in messages:
+                    ...
+
+        The iterator yields the ``last`` newest messages the engine still holds (oldest first;
+        only where ``features.replay``), then every message published after the ``async with``
+        was entered, until the caller stops. Leaving the block ends it; so does closing the
+        transport, on some engines with an error.
+
+        Read-only: it joins no group, acks and commits nothing, and what it needs on the engine
+        (a private queue, an ephemeral consumer, a clean session) goes away when the block is
+        left or its connection drops, so no group receives anything differently. Best effort:
+        there is no redelivery, and a message the engine drops before the peek reads it is not
+        seen; redeliveries (nacks) are not shown, only what was published to the topic.
+
+        Raises ``ValueError`` for a bad name or a negative ``last``, and
+        :class:`TransportError` where the engine cannot do it (the default), cannot replay
+        ``last`` messages, or has no such topic and cannot wait for it without creating it.
+        """
+        raise TransportError(f"{type(self).__name__} ({self.url}) cannot peek at a topic")
+
+    async def list_topics(self) -> list[TopicInfo]:
+        """The topics the engine holds (dead-letter and skipped topics included; the
+        transport's helper objects such as retry topics and delay queues left out), sorted by
+        name. Read-only. Where not ``features.listing`` it raises :class:`TransportError`."""
+        raise TransportError(f"{type(self).__name__} ({self.url}) cannot list topics")
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        """The groups of ``topic`` (``[]`` for an unknown topic), sorted by name. Read-only.
+        Where not ``features.listing`` it raises :class:`TransportError`."""
+        raise TransportError(f"{type(self).__name__} ({self.url}) cannot list groups")
+
     async def delete_topic(self, topic: str) -> None:
         """Delete ``topic`` with its messages, groups and any helper objects (delay queues,
         retry topics). For tests and tooling; a missing topic is not an error. Transports that
@@ -292,6 +363,18 @@ def check_topology(
     if source is not None and (not isinstance(source, str) or not source or "\x00" in source):
         raise ValueError(f"source must be a non-empty name, got {source!r}")
     return patterns, source
+
+
+def check_peek(transport: Transport, topic: str, last: int) -> None:
+    """Check the arguments of :meth:`Transport.peek` before it touches the engine."""
+    validate_name("topic", topic)
+    if not isinstance(last, int) or last < 0:
+        raise ValueError(f"last must be a whole number >= 0, not {last!r}")
+    if last and not transport.features.replay:
+        raise TransportError(
+            f"{transport.url} cannot replay: a new reader sees only messages published after "
+            "it started (features.replay is False), so it cannot show the last messages"
+        )
 
 
 def by_topic(messages: Sequence[Message]) -> dict[str, list[Message]]:

@@ -62,7 +62,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
 import anyio
@@ -79,16 +80,20 @@ from aiokafka.partitioner import murmur2  # type: ignore[import-untyped]
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    GroupInfo,
     PermanentTransportError,
     Start,
     Subscription,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     check_topology,
     unsupported,
     validate_name,
 )
 from herald.transports.connecting import connect_within
+from herald.transports.kafka import listing, peek
 from herald.transports.kafka.connection import Access
 from herald.transports.kafka.member import GroupMember
 from herald.transports.kafka.options import parse_url
@@ -130,6 +135,7 @@ class KafkaTransport(Transport):
             headers=True,
             max_payload=self.max_request_size - _OVERHEAD,
             transactions=True,  # where the broker grants them: commit([], []) tells at once
+            listing=True,
         )
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
@@ -311,6 +317,31 @@ class KafkaTransport(Transport):
             except KafkaError as e:
                 raise TransportError(f"{self.url}: cannot delete topics {names}: {e!r}") from e
         self._known_topics.difference_update(names)
+
+    # -- read-only tooling ---------------------------------------------------------------
+
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
+        """A consumer with no group on every partition (see :mod:`herald.transports.kafka.peek`)."""
+        check_peek(self, topic, last)
+        self._require()
+        return peek.peek(self, topic, last)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        _, admin = self._require()
+        try:
+            return await listing.topics(admin)
+        except KafkaError as e:
+            raise TransportError(f"{self.url}: cannot list topics: {e!r}") from None
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        validate_name("topic", topic)
+        _, admin = self._require()
+        try:
+            return await listing.groups(admin, self.consumer_options(), topic)
+        except KafkaError as e:
+            raise TransportError(f"{self.url}: cannot list groups of {topic!r}: {e!r}") from None
 
     # -- publishing ---------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 from typing import ClassVar
 
 import anyio
@@ -28,11 +29,14 @@ from herald.message import Message
 from herald.transports.base import (
     Delivery,
     Features,
+    GroupInfo,
     Start,
     Subscription,
+    TopicInfo,
     Transport,
     TransportError,
     by_topic,
+    check_peek,
     check_topology,
     unsupported,
     validate_name,
@@ -41,6 +45,7 @@ from herald.transports.base import (
 __all__ = ["MemoryTransport"]
 
 _TRIM_AT = 4096  # trim a topic's log once this many messages are behind every group's cursor
+_CHECK_CLOSED = 0.5  # how often a waiting peek looks whether its transport was closed
 
 
 class _Group:
@@ -66,6 +71,10 @@ class _Topic:
     def notify(self) -> None:
         self.changed.set()
         self.changed = anyio.Event()
+
+    def lag(self, g: _Group) -> int:
+        """Messages not handed to group ``g`` yet, plus its redeliveries waiting."""
+        return self.base + len(self.log) - g.cursor + len(g.ready) + len(g.delayed)
 
     def trim(self) -> None:
         if not self.groups:
@@ -215,6 +224,7 @@ class MemoryTransport(Transport):
         native_delay=True,
         replay=True,
         transactions=True,
+        listing=True,
     )
 
     def __init__(self, name: str = "") -> None:
@@ -294,10 +304,48 @@ class MemoryTransport(Transport):
         self._subs.add(sub)
         return sub
 
+    @asynccontextmanager
+    async def peek(self, topic: str, *, last: int = 0) -> AsyncIterator[AsyncIterator[Message]]:
+        """The ``last`` newest messages still in the topic's log, then each new one; with an
+        offset of its own, so no group's cursor moves."""
+        check_peek(self, topic, last)
+        bus = self._require_bus()
+        t = bus.topic(topic)
+        async with aclosing(self._follow(bus, t, t.base + max(0, len(t.log) - last))) as messages:
+            yield messages
+
+    async def _follow(self, bus: _Bus, t: _Topic, position: int) -> AsyncGenerator[Message, None]:
+        while self._bus is bus:
+            changed = t.changed  # taken before reading: a publish meanwhile still wakes us
+            position = max(position, t.base)  # trimmed past us: what is gone is gone
+            batch = t.log[position - t.base :]
+            if batch:
+                position += len(batch)
+                for message in batch:
+                    yield message
+                continue
+            with anyio.move_on_after(_CHECK_CLOSED):
+                await changed.wait()
+
+    async def list_topics(self) -> list[TopicInfo]:
+        """Topics with messages or groups (one only peeked at is not listed)."""
+        return [
+            TopicInfo(name, messages=len(t.log))
+            for name, t in sorted(self._require_bus().topics.items())
+            if t.log or t.groups
+        ]
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        """``lag``: messages not handed out yet plus redeliveries waiting."""
+        t = self._require_bus().topics.get(validate_name("topic", topic))
+        if t is None:
+            return []
+        return [GroupInfo(name, lag=t.lag(g)) for name, g in sorted(t.groups.items())]
+
     def backlog(self, topic: str, group: str) -> int:
         """Messages the group has not been handed yet (for tests and health checks)."""
         t = self._require_bus().topics.get(topic)
         g = t.groups.get(group) if t else None
         if t is None or g is None:
             return 0
-        return (t.base + len(t.log) - g.cursor) + len(g.ready) + len(g.delayed)
+        return t.lag(g)

@@ -105,7 +105,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
 import anyio
@@ -114,14 +115,18 @@ from paho.mqtt import client as paho
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    GroupInfo,
     Start,
     Subscription,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     check_topology,
     unsupported,
     validate_name,
 )
+from herald.transports.mqtt import peek
 from herald.transports.mqtt.connection import Connection, ConnectionLost, Item, reconnect
 from herald.transports.mqtt.filters import group_filters
 from herald.transports.mqtt.options import MqttOptions, parse_url
@@ -135,6 +140,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds delete_topic waits after the last retained registry entry arrives.
 _REGISTRY_IDLE = 0.3
+_NO_LISTING = (
+    "MQTT broker {url} cannot list {what}: MQTT has no request that lists topics or "
+    "subscriptions (a broker knows a topic only while someone publishes or subscribes to it)"
+)
 
 
 class MqttTransport(Transport):
@@ -301,6 +310,22 @@ class MqttTransport(Transport):
             raise
         self._subs.add(sub)
         return sub
+
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
+        """A plain subscription on a clean session of its own (see
+        :mod:`herald.transports.mqtt.peek`); ``last`` is refused (no replay)."""
+        check_peek(self, topic, last)
+        if self._closed:
+            raise TransportError(f"MQTT transport {self.url} is closed")
+        return peek.peek(self, topic)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        raise TransportError(_NO_LISTING.format(what="topics", url=self.url))
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        raise TransportError(_NO_LISTING.format(what="groups", url=self.url))
 
     async def delete_topic(self, topic: str) -> None:
         """Remove what this transport created for ``topic`` and ``topic.*`` (dead-letter

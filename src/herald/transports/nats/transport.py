@@ -123,7 +123,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import ClassVar, TypeVar
 
@@ -136,15 +137,19 @@ from nats.js.manager import JetStreamManager
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    GroupInfo,
     Start,
     Subscription,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     check_topology,
     unsupported,
     validate_name,
 )
 from herald.transports.connecting import describe
+from herald.transports.nats import listing, peek
 from herald.transports.nats.connection import Events, PubAcks, open_client
 from herald.transports.nats.options import NatsOptions, parse_url
 from herald.transports.nats.subscription import TRANSIENT as _TRANSIENT
@@ -205,6 +210,7 @@ class NatsTransport(Transport):
             headers=True,
             max_payload=self._server_max - HEADER_RESERVE,
             dedupes_by_id=True,
+            listing=True,
         )
 
     @classmethod
@@ -408,6 +414,35 @@ class NatsTransport(Transport):
         await sub._open()
         self._subs.add(sub)
         return sub
+
+    # --- read-only tooling -------------------------------------------------------------------
+
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
+        """An ephemeral consumer without acks (see :mod:`herald.transports.nats.peek`)."""
+        check_peek(self, topic, last)
+        self._require()
+        return peek.peek(self, topic, last)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        self._require()
+        jsm = self._jsm
+        assert jsm is not None
+        try:
+            return await self._api("list streams", lambda: listing.topics(jsm))
+        except nats.js.errors.APIError as e:
+            raise TransportError(f"NATS {self._safe_url}: cannot list streams: {e}") from None
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        validate_name("topic", topic)
+        self._require()
+        jsm = self._jsm
+        assert jsm is not None
+        try:
+            return await self._api("list consumers", lambda: listing.groups(jsm, topic))
+        except nats.js.errors.APIError as e:
+            raise TransportError(f"NATS {self._safe_url}: cannot list consumers: {e}") from None
 
     async def _confirm(self, subjects: Sequence[str], body: bytes, what: str) -> None:
         """Send ``body`` to each ack subject; the last as a request whose reply confirms that

@@ -132,7 +132,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, cast
 
 import aiormq
@@ -142,13 +143,17 @@ from pamqp.commands import Basic
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    GroupInfo,
     Start,
     Subscription,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     check_topology,
     validate_name,
 )
+from herald.transports.rabbitmq import peek
 from herald.transports.rabbitmq.connection import GONE, Link, refused
 from herald.transports.rabbitmq.options import Options, parse_url
 from herald.transports.rabbitmq.registry import Entries, registry_queue, take
@@ -178,6 +183,13 @@ _created_groups: dict[str, set[str]] = {}
 
 class _Inequivalent(TransportError):
     """The broker refused a declaration: an object of that name exists with other settings."""
+
+
+_NO_LISTING = (
+    "RabbitMQ at {url} cannot list {what}: AMQP 0-9-1 has no request that lists exchanges, "
+    "queues or bindings (use the management UI, its HTTP API or rabbitmqctl)"
+)
+_created_delays: dict[str, set[str]] = {}
 
 
 class RabbitMQTransport(Transport):
@@ -512,6 +524,24 @@ class RabbitMQTransport(Transport):
             await ch.basic_ack(last.delivery_tag or 0, multiple=True)
 
         await self._declare(work, f"move the parked messages of topic {topic!r}")
+
+    # -- read-only tooling -------------------------------------------------------------
+
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
+        """A private queue bound to the topic's exchange (see
+        :mod:`herald.transports.rabbitmq.peek`); ``last`` is refused (no replay)."""
+        self._check_topic(topic)
+        check_peek(self, topic, last)
+        self._link_or_fail()
+        return peek.peek(self, topic)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        raise TransportError(_NO_LISTING.format(what="topics", url=self.url))
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        raise TransportError(_NO_LISTING.format(what="groups", url=self.url))
 
     # -- delete ------------------------------------------------------------------------
 

@@ -126,7 +126,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, TypeVar
 
 import anyio
@@ -145,14 +146,17 @@ from herald.message import Message
 from herald.transports import redact_url
 from herald.transports.base import (
     Features,
+    GroupInfo,
     Start,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     check_topology,
     unsupported,
     validate_name,
 )
-from herald.transports.redis import lua
+from herald.transports.redis import listing, lua, peek
 from herald.transports.redis.connection import open_client, refused
 from herald.transports.redis.options import RedisOptions, parse_url
 from herald.transports.redis.subscription import RedisSubscription
@@ -188,6 +192,7 @@ class RedisTransport(Transport):
         replay=True,
         headers=True,
         max_payload=512 * 1024 * 1024,  # Redis's default proto-max-bulk-len
+        listing=True,
     )
 
     def __init__(self, options: RedisOptions, url: str) -> None:
@@ -390,6 +395,27 @@ class RedisTransport(Transport):
         await sub._create_groups("0" if start == "earliest" else "$")
         self._subscriptions.add(sub)
         return sub
+
+    # --- read-only tooling -----------------------------------------------------------------
+
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
+        """``XREVRANGE``, then ``XREAD BLOCK`` without a group (see
+        :mod:`herald.transports.redis.peek`)."""
+        check_peek(self, topic, last)
+        self._require()
+        return peek.peek(self, topic, last)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        return await self._call("list topics", listing.topics)
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        validate_name("topic", topic)
+        try:
+            return await self._call("list groups", lambda c: listing.groups(c, topic))
+        except ResponseError as e:  # WRONGTYPE: not a stream
+            raise TransportError(f"redis at {self._url}: {topic!r}: {self._clean(e)}") from None
 
     async def delete_topic(self, topic: str) -> None:
         """Delete the topic's stream, its groups' delayed sets and retry streams, and the

@@ -20,9 +20,11 @@ from herald.message import Message
 from herald.transports.base import Delivery, Subscription, TransportError, by_topic
 from herald.transports.sqlite.options import SqliteOptions
 
-__all__ = ["Owner", "SqliteSubscription"]
+__all__ = ["COLUMNS", "Owner", "SqliteSubscription", "row_message"]
 
-_COLUMNS = "seq, id, key, type, headers, payload"
+#: The columns of a message row, as :func:`row_message` reads them.
+COLUMNS = "seq, id, key, type, headers, payload"
+_COLUMNS = COLUMNS
 _COLUMNS_M = "m.seq, m.id, m.key, m.type, m.headers, m.payload"
 #: Fully consumed messages of a topic are deleted by a fetch once this many seconds or this
 #: many leased messages have passed since the last deletion (per transport). Often enough
@@ -296,20 +298,10 @@ class SqliteSubscription(Subscription):
 
     def _deliveries(self, rows: list[Any], attempts: dict[int, int] | None) -> list[Delivery]:
         topic = self.topic
-        out = []
-        for seq, id_, key, type_, headers, payload in rows:
-            if type(payload) is not bytes:  # a plain client may have stored TEXT
-                payload = payload.encode() if isinstance(payload, str) else bytes(payload)
-            message = Message(
-                id=id_,
-                topic=topic,
-                payload=payload,
-                key=key,
-                type=type_,
-                headers=_headers(headers) if headers else {},
-            )
-            out.append(Delivery(message, 1 if attempts is None else attempts[seq], seq))
-        return out
+        return [
+            Delivery(row_message(topic, row), 1 if attempts is None else attempts[row[0]], row[0])
+            for row in rows
+        ]
 
     # --- ack / nack / close ----------------------------------------------------------------
 
@@ -437,6 +429,21 @@ def _cleanup(conn: sqlite3.Connection, topic: str) -> None:
         " AND seq <= (SELECT min(cursor) FROM groups WHERE topic = ?)"
         " AND seq NOT IN (SELECT seq FROM leases WHERE topic = ?)",
         (topic, topic, topic),
+    )
+
+
+def row_message(topic: str, row: Any) -> Message:
+    """The message of one row of :data:`COLUMNS` (``seq`` first, not part of the message)."""
+    _, id_, key, type_, headers, payload = row
+    if type(payload) is not bytes:  # a plain client may have stored TEXT
+        payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+    return Message(
+        id=id_,
+        topic=topic,
+        payload=payload,
+        key=key,
+        type=type_,
+        headers=_headers(headers) if headers else {},
     )
 
 

@@ -67,7 +67,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import lru_cache
 from typing import Any, ClassVar, TypeVar
 
@@ -78,14 +79,18 @@ import msgspec
 from herald.message import Message
 from herald.transports.base import (
     Features,
+    GroupInfo,
     PermanentTransportError,
     Start,
+    TopicInfo,
     Transport,
     TransportError,
+    check_peek,
     check_topology,
     unsupported,
     validate_name,
 )
+from herald.transports.sqlite import listing, peek
 from herald.transports.sqlite.options import SqliteOptions, parse_sqlite_url
 from herald.transports.sqlite.subscription import SqliteSubscription
 
@@ -147,6 +152,7 @@ class SqliteTransport(Transport):
         headers=True,
         max_payload=None,  # SQLite's own BLOB limit (1 GB by default) is far above anything sane
         transactions=True,  # publish and ack share one database transaction
+        listing=True,
     )
 
     def __init__(self, options: SqliteOptions, url: str) -> None:
@@ -329,6 +335,20 @@ class SqliteTransport(Transport):
             raise self._error(exc, action) from exc
         return result
 
+    async def _read(self, action: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` (plain reads, no transaction) in the worker thread."""
+        self._check_connected()
+        return await anyio.to_thread.run_sync(self._run_read, action, fn, limiter=self._limiter)
+
+    def _run_read(self, action: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise TransportError(f"sqlite transport for {self.path!r} is closed")
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise self._error(exc, action) from exc
+
     def _event(self, topic: str) -> anyio.Event:
         event = self._events.get(topic)
         if event is None:
@@ -421,6 +441,22 @@ class SqliteTransport(Transport):
         sub = SqliteSubscription(self, topic, group)
         self._subscriptions.add(sub)
         return sub
+
+    def peek(
+        self, topic: str, *, last: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[Message]]:
+        """``SELECT`` by ``seq``: the ``last`` newest retained messages, then each new one (see
+        :mod:`herald.transports.sqlite.peek`)."""
+        check_peek(self, topic, last)
+        self._check_connected()
+        return peek.peek(self, topic, last)
+
+    async def list_topics(self) -> list[TopicInfo]:
+        return await self._read("list topics", listing.topics)
+
+    async def list_groups(self, topic: str) -> list[GroupInfo]:
+        validate_name("topic", topic)
+        return await self._read("list groups", lambda c: listing.groups(c, topic))
 
     async def delete_topic(self, topic: str) -> None:
         """Delete ``topic``'s messages, groups and leases in one transaction (tests and

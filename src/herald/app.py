@@ -26,6 +26,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -39,6 +40,7 @@ from herald.message import utc_now_rfc3339 as _utc_now
 from herald.middleware.base import Middleware
 from herald.middleware.dedupe import Dedupe
 from herald.middleware.retry import DEFAULT_RETRY, Retry
+from herald.scheduler import SCHEDULE_TOPIC, Scheduler, due_time, to_schedule
 from herald.subscriber import Filter, GroupSpec, make_handler, mark_publisher
 from herald.transports import Transport, open_transport, validate_name
 from herald.transports.base import Start
@@ -76,6 +78,11 @@ class App:
     :param unhandled: what to do with a message of a type no handler of the group takes:
         ``"ack"`` it (counted in ``stats.unhandled``) or ``"skip"`` it to
         ``<topic>.<group>.skipped`` and ack.
+    :param scheduler: run the scheduler loop that forwards scheduled messages (``publish(...,
+        delay=...)``) when they are due (:mod:`herald.scheduler`). Every App runs one by
+        default and they share the work; turn it off for an App that must not consume.
+    :param schedule_topic: the topic scheduled messages wait in; Apps that schedule for each
+        other must use the same one.
     """
 
     def __init__(
@@ -91,6 +98,8 @@ class App:
         unhandled: Literal["ack", "skip"] = "ack",
         inbox: InboxStore | None = None,
         max_payload: int = 16 * 1024 * 1024,
+        scheduler: bool = True,
+        schedule_topic: str = SCHEDULE_TOPIC,
     ) -> None:
         validate_name("app", name)
         if format not in ("json", "msgpack"):
@@ -125,6 +134,9 @@ class App:
         self._running = 0
         self._all_stopped = anyio.Event()
         self._started = False
+        self.schedule_topic = validate_name("schedule topic", schedule_topic)
+        self._run_scheduler = scheduler
+        self._scheduler: Scheduler | None = None
 
     # --- registration ---------------------------------------------------------------------------
 
@@ -273,6 +285,11 @@ class App:
         """The running group consumers (empty before start); each has ``.stats``."""
         return list(self._consumers)
 
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The running scheduler loop (``None`` before start or with ``scheduler=False``)."""
+        return self._scheduler
+
     # --- publishing -----------------------------------------------------------------------------
 
     def message(
@@ -343,13 +360,23 @@ class App:
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
         type: str | None = None,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
     ) -> str:
         """Publish one event; return its message id once the broker holds it durably.
 
+        With ``delay`` (a ``timedelta`` or seconds) or ``at`` (a timezone-aware ``datetime``)
+        the message is stored now and delivered to ``topic`` when due, never before
+        (:mod:`herald.scheduler`); a due time already past publishes at once.
+
         Raises ``TypeError`` if ``event`` cannot be serialised.
         """
+        due = due_time(delay, at)
         msg = self.message(topic, event, key=key, headers=headers, type=type)
-        await self._transport.publish(topic, [msg])
+        if due is None:
+            await self._transport.publish(topic, [msg])
+        else:
+            await self._publish_scheduled([msg], due)
         return msg.id
 
     async def publish_many(
@@ -360,12 +387,24 @@ class App:
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
         type: str | None = None,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
     ) -> list[str]:
-        """Publish several events as one batch (one durable write where the broker allows)."""
+        """Publish several events as one batch (one durable write where the broker allows);
+        ``delay``/``at`` as for :meth:`publish`, the same due time for the whole batch."""
+        due = due_time(delay, at)
         msgs = self._build(topic, events, key, headers, type)
-        if msgs:
+        if not msgs:
+            return []
+        if due is None:
             await self._transport.publish(topic, msgs)
+        else:
+            await self._publish_scheduled(msgs, due)
         return [m.id for m in msgs]
+
+    async def _publish_scheduled(self, messages: list[Message], due: float) -> None:
+        out = to_schedule(messages, due, self.schedule_topic)
+        await self._transport.publish(out[0].topic, out)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -407,7 +446,11 @@ class App:
         try:
             for consumer in self._consumers:
                 self._running += 1
-                await self._tg.start(self._run_consumer, consumer)
+                await self._tg.start(self._run_loop, consumer)
+            if self._run_scheduler:
+                self._scheduler = Scheduler(self._transport, self.schedule_topic)
+                self._running += 1
+                await self._tg.start(self._run_loop, self._scheduler)
         except BaseException:
             await self.stop()
             raise
@@ -418,11 +461,11 @@ class App:
             len(self._consumers),
         )
 
-    async def _run_consumer(
-        self, consumer: GroupConsumer, *, task_status: anyio.abc.TaskStatus[None]
+    async def _run_loop(
+        self, loop: GroupConsumer | Scheduler, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
         try:
-            await consumer.run(task_status=task_status)
+            await loop.run(task_status=task_status)
         finally:
             self._running -= 1
             if self._running == 0:
@@ -435,6 +478,8 @@ class App:
         tg, self._tg = self._tg, None
         for c in self._consumers:
             c.stop()
+        if self._scheduler is not None:
+            self._scheduler.stop()
         if self._running:
             with anyio.move_on_after(self.shutdown_timeout) as scope:
                 await self._all_stopped.wait()
@@ -466,6 +511,7 @@ class App:
         finally:
             await self._transport.close()
             self._consumers.clear()
+            self._scheduler = None
             self._running = 0
             self._started = False
 

@@ -11,21 +11,26 @@ naming its target and due time:
 It keeps its own id, key, type, headers and payload. Every running App runs one
 :class:`Scheduler` (unless ``App(scheduler=False)``): one loop over a subscription of the schedule
 topic in the fixed group ``herald.scheduler``, so the Apps of a system share the work. A delivery
-that is due is published to its target topic — without the two headers, otherwise exactly as it
-was scheduled — and then acked. One that is not due yet is nacked with a delay, which every
-transport keeps durably (SQLite ``visible_at``, Redis retry set, RabbitMQ TTL queues, NATS nak
-delay, Kafka and MQTT retry topics): the waiting is done by the broker, not by a process, so it
-survives a restart of the App and, where the broker keeps its data, of the broker.
+not due within :data:`HOLD` seconds is nacked with a delay, which every transport keeps durably
+(SQLite ``visible_at``, Redis retry set, RabbitMQ TTL queues, NATS nak delay, Kafka and MQTT
+retry topics): the long wait is done by the broker, not by a process, so it survives a restart
+of the App and, where the broker keeps its data, of the broker. A delivery due within
+:data:`HOLD` seconds is held by the scheduler, unacked, and a task of its own publishes it to
+its target topic at its due time — without the two headers, otherwise exactly as it was
+scheduled — and then acks it. So the last stretch does not depend on how precisely an engine
+redelivers, and a message held when its App stops goes back to the group, unacked.
 
 Each nack waits a power of two of milliseconds, at most :data:`MAX_STEP` (2**18 ms, about 4.4
-minutes), and the next is worked out afresh from the due time when the message comes back. A
-power of two because some engines keep delayed messages in FIFO queues per delay class
-(RabbitMQ's TTL queues are powers of two of milliseconds): when every message of such a queue
-waits exactly as long, none is held up behind a longer one. The cap bounds how long one wait
-can occupy a consumer's window (MQTT holds not-yet-due messages in its in-flight window, Kafka
-holds back the retry partition's committed offset), so long delays (days) are many short
-waits. The growing ``attempt`` number of these redeliveries means nothing here: the scheduler
-never dead-letters a message for it, and no transport does either.
+minutes), chosen to bring the message back :data:`LEAD` seconds before it is due (an engine may
+take that long to redeliver without making it late); the next wait is worked out afresh from
+the due time when it comes back. A power of two because some engines keep delayed messages in
+FIFO queues per delay class (RabbitMQ's TTL queues are powers of two of milliseconds): when
+every message of such a queue waits exactly as long, none is held up behind a longer one. The
+cap bounds how long one wait can occupy a consumer's window (MQTT holds not-yet-due messages in
+its in-flight window, Kafka holds back the retry partition's committed offset), so long delays
+(days) are many short waits: about 14 an hour per message. The growing ``attempt`` number of
+these redeliveries means nothing here: the scheduler never dead-letters a message for it, and
+no transport does either.
 
 Guarantees:
 
@@ -37,7 +42,8 @@ Guarantees:
 * At-least-once: forward, then ack. A crash in between forwards the message twice, with the
   same message id, so an idempotent consumer (``dedupe=True``) drops the repeat. Where the
   transport has transactions (memory, SQLite, Kafka brokers with them) forward and ack are
-  one :meth:`~herald.transports.base.Subscription.commit`: exactly once.
+  one :meth:`~herald.transports.base.Subscription.commit`: exactly once (on Kafka, for readers
+  with ``isolation_level=read_committed``).
 * While no App runs a scheduler the messages wait in the schedule topic, durably, and go out
   as soon as one runs (late, then, by the time nothing ran). ``memory://`` keeps them only in
   the process, like everything on it.
@@ -258,6 +264,9 @@ class Scheduler:
         self._atomic: bool | None = None  # forward+ack in one commit; None: not tried yet
         self._failures: dict[str, int] = {}  # message id -> forward failures in a row
         self._kept_dead_letters = False
+        #: deliveries due within HOLD seconds, unacked until forwarded: (due, n, delivery, copy)
+        self._held: list[tuple[float, int, Delivery, Message]] = []
+        self._wake = anyio.Event()
 
     def stop(self) -> None:
         """Stop fetching; the batch being forwarded finishes, then :meth:`run` returns."""
@@ -279,55 +288,71 @@ class Scheduler:
         if sub is None:
             return
         self.joined.set()
-        # deliveries due within HOLD seconds, kept (unacked) until due: (due, n, delivery, copy)
-        held: list[tuple[float, int, Delivery, Message]] = []
         try:
-            while not self._stopping:
-                wait = _FETCH_TIMEOUT
-                if held:
-                    wait = min(wait, max(0.0, held[0][0] - time.time()))
-                batch: list[Delivery] = []
-                with anyio.CancelScope() as scope:
-                    self._scope = scope
-                    if not self._stopping:
-                        batch = await sub.fetch(_FETCH, wait)
-                with anyio.CancelScope(shield=True):  # what was fetched is settled
-                    await self._settle(sub, batch, held)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._release, sub)
+                while not self._stopping:
+                    batch: list[Delivery] = []
+                    with anyio.CancelScope() as scope:
+                        self._scope = scope
+                        if not self._stopping:
+                            batch = await sub.fetch(_FETCH, _FETCH_TIMEOUT)
+                    if batch:
+                        with anyio.CancelScope(shield=True):  # what was fetched is settled
+                            await self._settle(sub, batch)
+                tg.cancel_scope.cancel()  # a forward under way finishes (it is shielded)
         finally:
             self._scope = None
+            self._held.clear()
             with anyio.CancelScope(shield=True):
                 await sub.close()  # held deliveries go back to the group
 
-    async def _settle(
-        self,
-        sub: Subscription,
-        batch: list[Delivery],
-        held: list[tuple[float, int, Delivery, Message]],
-    ) -> None:
-        """Forward what is due, hold what is due within HOLD seconds, nack the rest."""
-        now = time.time()  # once: a message due by now is due by the time it is forwarded
-        due: list[tuple[Delivery, Message]] = []
+    async def _settle(self, sub: Subscription, batch: list[Delivery]) -> None:
+        """Hold what is due within HOLD seconds (or due already), nack the rest."""
+        now = time.time()
         later: list[tuple[Delivery, float]] = []
+        held = self._held
         for d in batch:
             try:
                 message, at = read_schedule(d.message)
             except ValueError as e:
                 await self._dead_letter(sub, d, "invalid schedule", e)
                 continue
-            if at <= now:
-                due.append((d, message))
-            elif at - now <= HOLD:
+            if at - now <= HOLD:
                 heapq.heappush(held, (at, next(_tiebreak), d, message))
             else:
                 later.append((d, at))
-        while held and held[0][0] <= now:
-            _, _, d, message = heapq.heappop(held)
-            due.append((d, message))
-        if due:
-            await self._forward(sub, due)
-        for d, at in later:
-            await sub.nack(d, next_wait(at - time.time()))
-            self.stats.waits += 1
+        if held and held[0][0] <= now + HOLD:
+            self._wake.set()
+        if later:
+            # all at once: each nack is a round trip (two on some engines), and the engine
+            # pipelines them (on MQTT one nack alone takes ~90 ms: Nagle meets delayed ACK)
+            async with anyio.create_task_group() as tg:
+                for d, at in later:
+                    tg.start_soon(sub.nack, d, next_wait(at - time.time()))
+            self.stats.waits += len(later)
+
+    async def _release(self, sub: Subscription) -> None:
+        """Forward held deliveries at their due time: a task of its own, so that fetching,
+        nacking and the engine's fetch timeouts never make a due message wait."""
+        held = self._held
+        while True:
+            self._wake = anyio.Event()
+            if not held:
+                await self._wake.wait()
+                continue
+            wait = held[0][0] - time.time()
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await self._wake.wait()
+                continue  # woken: an earlier message may have arrived
+            now = time.time()
+            due: list[tuple[Delivery, Message]] = []
+            while held and held[0][0] <= now:
+                _, _, d, message = heapq.heappop(held)
+                due.append((d, message))
+            with anyio.CancelScope(shield=True):
+                await self._forward(sub, due)
 
     async def _forward(self, sub: Subscription, due: list[tuple[Delivery, Message]]) -> None:
         if await self._can_commit(sub):

@@ -114,7 +114,8 @@ async def measure(url: str, n: int, burst: int) -> dict[str, list[float]]:
 
 async def main(names: list[str]) -> None:
     n, burst = int(os.environ.get("N", "200")), int(os.environ.get("B", "500"))
-    print(f"{'transport':<12} {'load':<7} {'n':>5} {'early':>5} {'median':>9} {'p99':>9} {'max':>9}")
+    head = f"{'transport':<12} {'load':<7} {'n':>5} {'early':>5}"
+    print(f"{head} {'median':>9} {'p99':>9} {'max':>9}")
     for name in names:
         url = URLS[name] or f"sqlite:///{tempfile.mkdtemp(prefix='herald-sched-')}/bench.db"
         if not _up(url):

@@ -119,6 +119,7 @@ FORWARD_ATTEMPTS = 5
 
 _FETCH = 256
 _FETCH_TIMEOUT = 1.0  # seconds a fetch waits before re-checking for stop
+_NACKS_AT_ONCE = 16
 _tiebreak = itertools.count()
 _LATEST = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
 
@@ -325,11 +326,18 @@ class Scheduler:
         if held and held[0][0] <= now + HOLD:
             self._wake.set()
         if later:
-            # all at once: each nack is a round trip (two on some engines), and the engine
-            # pipelines them (on MQTT one nack alone takes ~90 ms: Nagle meets delayed ACK)
+            # several at once: each nack is a round trip (two on some engines) that the engine
+            # pipelines (on MQTT one nack alone takes ~90 ms: Nagle meets delayed ACK); bounded,
+            # as each may take a connection of its own (Redis' pool)
+            limit = anyio.CapacityLimiter(_NACKS_AT_ONCE)
+
+            async def nack(d: Delivery, at: float) -> None:
+                async with limit:
+                    await sub.nack(d, next_wait(at - time.time()))
+
             async with anyio.create_task_group() as tg:
                 for d, at in later:
-                    tg.start_soon(sub.nack, d, next_wait(at - time.time()))
+                    tg.start_soon(nack, d, at)
             self.stats.waits += len(later)
 
     async def _release(self, sub: Subscription) -> None:

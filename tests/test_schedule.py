@@ -6,6 +6,7 @@ forward each other's messages."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+import herald
 from herald import App, Context, Message, dead_letter_topic
 from herald.codec import encode_many
 from herald.message import CAUSATION_ID, CONTENT_TYPE, CORRELATION_ID, OCCURRED_AT, SOURCE
@@ -68,6 +70,11 @@ def make_app(
     if target is not None:
         app.subscriber(target, group=group or unique_name("g"))(seen.record)
     return app, seen
+
+
+def herald_env() -> dict[str, str]:
+    """The environment for a subprocess that imports the herald under test, from any cwd."""
+    return {**os.environ, "PYTHONPATH": str(Path(herald.__file__).resolve().parents[1])}
 
 
 def shared_bus(url: str) -> str:
@@ -274,8 +281,9 @@ async def test_sqlite_schedule_survives_a_process_restart(tmp_path: Path) -> Non
         anyio.run(main)
     """)
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    ).stdout.split()
+        [sys.executable, "-c", script],
+        env=herald_env(), capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
     due, mid = float(out[0]), out[1]
     assert time.time() < due  # the publishing process is gone before the message is due
     worker, seen = make_app(url, schedule, target, group)
@@ -347,3 +355,20 @@ def test_read_schedule_restores_the_message_and_rounds_the_due_time_up() -> None
     assert back.replace(headers={**back.headers, "replay_group": SCHEDULER_GROUP}) == m
     assert "replay_group" not in back.headers
     assert to_schedule([m], time.time() - 1, app.schedule_topic) == [m]  # past: as it is
+
+
+def test_readme_example_runs(tmp_path: Path) -> None:
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("## Scheduled publish", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    script = tmp_path / "payments.py"
+    script.write_text(code)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path, env=herald_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "payment for o-0 timed out",
+        "payment for o-1 timed out",
+    ]

@@ -46,6 +46,18 @@ async def admin(port: int) -> AsyncIterator[AIOKafkaAdminClient]:
         await client.close()
 
 
+async def test_an_assignment_after_a_cancelled_join_is_ignored() -> None:
+    """A join cancelled (``App.stop`` during start-up) stops the consumer while aiokafka may
+    still run the rebalance listener; taking over partitions then must not fail."""
+    from herald.transports.kafka.member import GroupMember
+
+    transport = KafkaTransport.from_url("kafka://127.0.0.1:1")
+    member = GroupMember(transport, "t", "g", "earliest")
+    assert member.consumer is None  # stopped
+    await member.on_assigned({TopicPartition("t", 0)})
+    assert member.trackers == {}
+
+
 # -- the tracker (pure) ------------------------------------------------------------------------
 
 

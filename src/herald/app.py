@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -31,12 +32,13 @@ import anyio
 from herald.codec import Format, encode_many
 from herald.consumer import GroupConsumer
 from herald.inbox import InboxStore, MemoryInbox
-from herald.lifecycle import Lifecycle
+from herald.lifecycle import Lifecycle, Loop
 from herald.message import CONTENT_TYPE, CORRELATION_ID, OCCURRED_AT, SOURCE, Message, new_ids
 from herald.message import utc_now_rfc3339 as _utc_now
 from herald.middleware.base import Middleware
 from herald.middleware.dedupe import Dedupe
 from herald.middleware.retry import DEFAULT_RETRY, Retry
+from herald.scheduler import SCHEDULE_TOPIC, Scheduler, due_time, to_schedule
 from herald.subscriber import Filter, GroupSpec, make_handler, mark_publisher
 from herald.transports import Transport, open_transport, validate_name
 from herald.transports.base import Start, check_topology
@@ -72,6 +74,11 @@ class App:
     :param unhandled: what to do with a message of a type no handler of the group takes:
         ``"ack"`` it (counted in ``stats.unhandled``) or ``"skip"`` it to
         ``<topic>.<group>.skipped`` and ack.
+    :param scheduler: run the scheduler loop that forwards scheduled messages (``publish(...,
+        delay=...)``) when they are due (:mod:`herald.scheduler`). Every App runs one by
+        default and they share the work; turn it off for an App that must not consume.
+    :param schedule_topic: the topic scheduled messages wait in; Apps that schedule for each
+        other must use the same one.
     """
 
     def __init__(
@@ -87,6 +94,8 @@ class App:
         unhandled: Literal["ack", "skip"] = "ack",
         inbox: InboxStore | None = None,
         max_payload: int = 16 * 1024 * 1024,
+        scheduler: bool = True,
+        schedule_topic: str = SCHEDULE_TOPIC,
     ) -> None:
         validate_name("app", name)
         if format not in ("json", "msgpack"):
@@ -115,7 +124,12 @@ class App:
         self._group_middleware: dict[tuple[str, str], list[Middleware]] = {}
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
-        self._lifecycle = Lifecycle(self, self._build_consumers, self._startup, self._shutdown)
+        self.schedule_topic = validate_name("schedule topic", schedule_topic)
+        self._run_scheduler = scheduler
+        self._scheduler: Scheduler | None = None
+        self._lifecycle = Lifecycle(
+            self, self._build_consumers, self._startup, self._shutdown, self._build_loops
+        )
 
     # --- registration ---------------------------------------------------------------------------
 
@@ -289,6 +303,11 @@ class App:
         """The running group consumers (empty before start); each has ``.stats``."""
         return self._lifecycle.consumers
 
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The running scheduler loop (``None`` before start or with ``scheduler=False``)."""
+        return self._scheduler if self._lifecycle.active else None
+
     # --- publishing -----------------------------------------------------------------------------
 
     def message(
@@ -359,13 +378,23 @@ class App:
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
         type: str | None = None,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
     ) -> str:
         """Publish one event; return its message id once the broker holds it durably.
 
+        With ``delay`` (a ``timedelta`` or seconds) or ``at`` (a timezone-aware ``datetime``)
+        the message is stored now and delivered to ``topic`` when due, never before
+        (:mod:`herald.scheduler`); a due time already past publishes at once.
+
         Raises ``TypeError`` if ``event`` cannot be serialised.
         """
+        due = due_time(delay, at)
         msg = self.message(topic, event, key=key, headers=headers, type=type)
-        await self._transport.publish(topic, [msg])
+        if due is None:
+            await self._transport.publish(topic, [msg])
+        else:
+            await self._publish_scheduled([msg], due)
         return msg.id
 
     async def publish_many(
@@ -376,12 +405,24 @@ class App:
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
         type: str | None = None,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
     ) -> list[str]:
-        """Publish several events as one batch (one durable write where the broker allows)."""
+        """Publish several events as one batch (one durable write where the broker allows);
+        ``delay``/``at`` as for :meth:`publish`, the same due time for the whole batch."""
+        due = due_time(delay, at)
         msgs = self._build(topic, events, key, headers, type)
-        if msgs:
+        if not msgs:
+            return []
+        if due is None:
             await self._transport.publish(topic, msgs)
+        else:
+            await self._publish_scheduled(msgs, due)
         return [m.id for m in msgs]
+
+    async def _publish_scheduled(self, messages: list[Message], due: float) -> None:
+        out = to_schedule(messages, due, self.schedule_topic)
+        await self._transport.publish(out[0].topic, out)
 
     # --- lifecycle (herald.lifecycle) ----------------------------------------------------------
 
@@ -427,6 +468,12 @@ class App:
             retry = self._group_retry.get(key, self.retry)
             consumers.append(GroupConsumer(self, spec, retry, middleware))
         return consumers
+
+    def _build_loops(self) -> list[Loop]:
+        if not self._run_scheduler:
+            return []
+        self._scheduler = Scheduler(self._transport, self.schedule_topic)
+        return [self._scheduler]
 
     @property
     def _started(self) -> bool:

@@ -12,6 +12,7 @@ Add a member here only when one of those lower layers needs it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from herald.message import Message
@@ -40,6 +41,11 @@ class AppLike(Protocol):
         ...
 
     @property
+    def schedule_topic(self) -> str:
+        """Where scheduled messages (``publish(..., delay=/at=)``) wait until due."""
+        ...
+
+    @property
     def unhandled(self) -> Literal["ack", "skip"]:
         """What a group does with a type none of its handlers takes."""
         ...
@@ -64,6 +70,9 @@ class AppLike(Protocol):
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
         type: str | None = None,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
     ) -> str:
-        """Publish one event durably; return its message id."""
+        """Publish one event durably (delivered when due with ``delay``/``at``); return its
+        message id."""
         ...

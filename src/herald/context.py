@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio.from_thread
@@ -10,6 +11,7 @@ import anyio.from_thread
 from herald.app_like import AppLike
 from herald.errors import CascadeLimitExceeded
 from herald.message import CAUSATION_ID, CORRELATION_ID, HOPS, Message
+from herald.scheduler import due_time, to_schedule
 
 __all__ = ["INHERIT", "Context", "InheritKey"]
 
@@ -89,20 +91,27 @@ class Context:
         key: str | InheritKey | None = INHERIT,
         headers: Mapping[str, str] | None = None,
         type: str | None = None,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
     ) -> str:
         """Publish ``event`` to ``topic`` as a consequence of this message; return its id.
 
         The key defaults to this message's key, so a chain of events about one entity keeps
-        its per-key order; pass ``key=None`` for no key.
+        its per-key order; pass ``key=None`` for no key. ``delay``/``at`` schedule it as in
+        :meth:`App.publish <herald.App.publish>`; in a transactional subscriber the scheduled
+        message is committed with the ack like any other.
         """
         if isinstance(key, InheritKey):
             key = self.message.key
         causal = self.causal_headers(headers)
         if self.outbox is not None:  # transactional: published with the ack, or not at all
+            due = due_time(delay, at)
             msg = self.app.message(topic, event, key=key, headers=causal, type=type)
-            self.outbox.append(msg)
+            self.outbox.extend(to_schedule([msg], due, self.app.schedule_topic))
             return msg.id
-        return await self.app.publish(topic, event, key=key, headers=causal, type=type)
+        return await self.app.publish(
+            topic, event, key=key, headers=causal, type=type, delay=delay, at=at
+        )
 
     def publish_sync(
         self,
@@ -112,10 +121,14 @@ class Context:
         key: str | InheritKey | None = INHERIT,
         headers: Mapping[str, str] | None = None,
         type: str | None = None,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
     ) -> str:
         """:meth:`publish` for synchronous handlers (they run in a worker thread)."""
         return anyio.from_thread.run(
-            lambda: self.publish(topic, event, key=key, headers=headers, type=type)
+            lambda: self.publish(
+                topic, event, key=key, headers=headers, type=type, delay=delay, at=at
+            )
         )
 
     def __repr__(self) -> str:

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 import anyio
+from anyio.abc import TaskStatus
 
 from herald.consumer import GroupConsumer
 from herald.inbox import InboxStore
@@ -65,6 +66,14 @@ class Owner(Protocol):
     def shutdown_timeout(self) -> float: ...
 
 
+class Loop(Protocol):
+    """What the lifecycle runs: a group consumer, or one of the App's own loops."""
+
+    async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class Lifecycle:
     """Starts, supervises and stops one App's consumers; see the module docstring.
 
@@ -73,6 +82,9 @@ class Lifecycle:
     :param startup: hooks run after connecting, before the consumers start.
     :param shutdown: hooks run after the consumers stopped, before disconnecting (only when
         every startup hook ran).
+    :param loops: makes the App's own background loops of one run (the scheduler), started
+        after the consumers and stopped with them; each has ``run(task_status=)`` and ``stop()``
+        like a consumer.
     """
 
     def __init__(
@@ -81,8 +93,10 @@ class Lifecycle:
         build: Callable[[], list[GroupConsumer]],
         startup: Sequence[Hook],
         shutdown: Sequence[Hook],
+        loops: Callable[[], list[Loop]] = list,
     ) -> None:
         self._owner = owner
+        self._loops = loops
         self._build = build
         self._startup = startup
         self._shutdown = shutdown
@@ -201,8 +215,9 @@ class Lifecycle:
         owner = self._owner
         with anyio.CancelScope() as grace:
             async with anyio.create_task_group() as tg:
-                for consumer in self._consumers:
-                    await tg.start(consumer.run)
+                loops: list[Loop] = [*self._consumers, *self._loops()]
+                for loop in loops:
+                    await tg.start(loop.run)
                 run.serving = True
                 run.ready.set()
                 log.info(
@@ -212,8 +227,8 @@ class Lifecycle:
                     len(self._consumers),
                 )
                 await run.stopping.wait()
-                for consumer in self._consumers:
-                    consumer.stop()
+                for loop in loops:
+                    loop.stop()
                 # running handlers finish; past the grace period the task group is cancelled
                 grace.deadline = anyio.current_time() + owner.shutdown_timeout
         if grace.cancelled_caught:
@@ -341,7 +356,12 @@ async def _cancel_and_wait(run: _Run) -> None:
 
 
 def _unwrap(error: Exception) -> Exception:
-    """A task group's error with a single cause is reported as that cause."""
-    while isinstance(error, ExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
+    """A task group's error is reported as its first cause: when one loop fails the others
+    are cancelled, and loops on one broken transport (a consumer and the scheduler) often fail
+    together with the same cause, so the first is the one reported."""
+    while isinstance(error, ExceptionGroup) and error.exceptions:
+        first = error.exceptions[0]
+        if not isinstance(first, Exception):
+            break
+        error = first
     return error

@@ -243,6 +243,8 @@ class GroupMember:
                 self._revoked[tp] = tr
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.consumer is None:
+            return  # the join was cancelled and the consumer stopped: nothing to take over
         kept = {tp: tr for tp, tr in self._revoked.items() if tp in assigned}
         for tp, tr in self._revoked.items():
             if tp not in assigned:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -56,6 +56,9 @@ __all__ = ["ConsumerStats", "GroupConsumer"]
 log = logging.getLogger("herald.consumer")
 
 _FETCH_TIMEOUT = 1.0  # seconds a fetch waits before re-checking for stop
+# distinct unhandled types counted (and warned about) per group: a producer sending a new
+# type per message must not grow memory without bound
+_MAX_TYPES = 256
 
 
 @dataclass(slots=True)
@@ -68,6 +71,8 @@ class ConsumerStats:
     dead_lettered: int = 0
     unhandled: int = 0
     filtered: int = 0
+    #: messages of each type no handler of the group takes (at most _MAX_TYPES types tracked)
+    unhandled_types: dict[str, int] = field(default_factory=dict)
 
 
 class GroupConsumer:
@@ -324,8 +329,35 @@ class GroupConsumer:
         if type_known:
             self.stats.filtered += 1
         else:
-            self.stats.unhandled += 1
+            self._count_unhandled(msg)
         return None
+
+    def _count_unhandled(self, msg: Message) -> None:
+        """Count a message no handler takes; the first of each type is logged at WARNING
+        (a renamed producer class would otherwise vanish without a trace)."""
+        self.stats.unhandled += 1
+        per_type = self.stats.unhandled_types
+        t = msg.type or "-"
+        if t in per_type:
+            per_type[t] += 1
+            return
+        if len(per_type) >= _MAX_TYPES:
+            return  # counted in the total only; the first _MAX_TYPES types were logged
+        per_type[t] = 1
+        spec = self.spec
+        where = (
+            f"skipped to {skipped_topic(spec.topic, spec.group)}"
+            if self._skip_unhandled
+            else "acked and dropped"
+        )
+        log.warning(
+            "group %s on %s: no handler takes type %r; such messages are %s (logged once "
+            "per type, counted in stats.unhandled). If this group should handle it, add a "
+            "handler for that type (or a union annotation covering it, e.g. a renamed class); "
+            "to keep them, use App(unhandled=\"skip\")",
+            spec.group, spec.topic, t, where,
+            extra={"group": spec.group, "topic": spec.topic, "event_type": t},
+        )  # fmt: skip
 
     async def _handle(self, d: Delivery) -> bool:
         """Handle one delivery. True: ack it. False: it was nacked for redelivery."""

@@ -12,7 +12,7 @@ import pytest
 
 from herald import App, Context, Message, Permanent, Retry, dead_letter_topic
 from herald.dlq import tool_group
-from herald.message import new_id
+from herald.message import new_id, utc_now_rfc3339
 
 from .conftest import topic, wait_until
 
@@ -459,3 +459,24 @@ async def test_oversized_payloads_are_refused_on_publish_and_dead_lettered_on_co
         await wait_until(lambda: got == [b"ok"])
     assert letter.headers["dlq.reason"] == "oversized payload"
     assert letter.payload == big.payload
+
+
+async def test_first_failure_time_is_kept_across_redeliveries(broker_url: str) -> None:
+    t = topic()
+    retry = Retry(attempts=1, delay=0.001, deliveries=3, redelivery_delay=0.05, factor=1.0)
+    app = App("svc", broker=broker_url, retry=retry)
+    failed_at: list[str] = []
+
+    @app.subscriber(t, group="billing")
+    async def broken(e: OrderPlaced) -> None:
+        failed_at.append(utc_now_rfc3339())
+        await anyio.sleep(0.01)  # the failures are milliseconds apart whatever the clock
+        raise ValueError("still down")
+
+    async with app:
+        await app.publish(t, OrderPlaced(order_id="f1"))
+        [letter] = await read_topic(app, dead_letter_topic(t, "billing"), 1)
+    h = letter.headers
+    assert len(failed_at) == 3
+    assert failed_at[0] <= h["dlq.first_failure_at"] < failed_at[1]
+    assert h["dlq.first_failure_at"] < h["dlq.last_failure_at"]

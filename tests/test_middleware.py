@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
+import logging
 import pkgutil
 import time
 from typing import Any
@@ -313,3 +314,30 @@ def test_every_middleware_is_exported_from_the_package() -> None:
     for name, cls in {**defined, "CallNext": CallNext}.items():
         assert name in middleware_package.__all__, name
         assert getattr(middleware_package, name) is cls, name
+
+
+async def test_an_unhandled_type_is_logged_once_per_group_and_type(
+    broker_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = topic()
+    got: list[int] = []
+    app = App("svc", broker=broker_url)
+
+    @app.subscriber(t, group="g")
+    async def handle(e: Job) -> None:
+        got.append(e.n)
+
+    caplog.set_level(logging.WARNING, logger="herald.consumer")
+    async with app:
+        await app.publish(t, {"n": 1}, type="JobV2")
+        await app.publish(t, {"n": 2}, type="JobV2")
+        await app.publish(t, Job(n=7))
+        await wait_until(lambda: got == [7])
+        stats = app.consumers[0].stats
+    warnings = [r for r in caplog.records if "no handler takes type" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    text = warnings[0].getMessage()
+    assert "'JobV2'" in text and "group g" in text and 'unhandled="skip"' in text
+    assert warnings[0].levelno == logging.WARNING
+    assert stats.unhandled == 2
+    assert stats.unhandled_types == {"JobV2": 2}

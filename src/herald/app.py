@@ -29,11 +29,19 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 
-from herald.codec import Format, encode_many
+from herald.codec import Format, declared_version, encode_many
 from herald.consumer import GroupConsumer
 from herald.inbox import InboxStore, MemoryInbox
 from herald.lifecycle import Lifecycle, Loop
-from herald.message import CONTENT_TYPE, CORRELATION_ID, OCCURRED_AT, SOURCE, Message, new_ids
+from herald.message import (
+    CONTENT_TYPE,
+    CORRELATION_ID,
+    OCCURRED_AT,
+    SCHEMA_VERSION,
+    SOURCE,
+    Message,
+    new_ids,
+)
 from herald.message import utc_now_rfc3339 as _utc_now
 from herald.middleware.base import Middleware
 from herald.middleware.dedupe import Dedupe
@@ -344,7 +352,9 @@ class App:
         occurred_at, source = _utc_now(), self.name
         out = []
         limit = self.max_payload
-        for mid, (payload, type_name, content_type) in zip(ids, encoded, strict=True):
+        for event, mid, (payload, type_name, content_type) in zip(
+            events, ids, encoded, strict=True
+        ):
             if len(payload) > limit:
                 raise ValueError(
                     f"payload of {len(payload):,} bytes for topic {topic!r} exceeds the app's "
@@ -356,8 +366,11 @@ class App:
                 SOURCE: source,
                 CONTENT_TYPE: content_type,
             }
+            version = _version_header(type(event))
+            if version is not None:
+                h[SCHEMA_VERSION] = version
             if headers:
-                h.update(headers)
+                h.update(headers)  # the caller's headers win, schema_version included
             out.append(
                 Message(
                     id=mid,
@@ -503,6 +516,19 @@ def _check_middleware(middleware: Sequence[Middleware]) -> list[Middleware]:
         if not isinstance(m, Middleware):
             raise TypeError(f"middleware must be herald.middleware.Middleware objects, got {m!r}")
     return items
+
+
+_versions: dict[type, str | None] = {}  # event class -> its schema_version header, if declared
+
+
+def _version_header(cls: type) -> str | None:
+    """The ``schema_version`` header for an event class (None: it declares no version)."""
+    try:
+        return _versions[cls]
+    except KeyError:
+        v = declared_version(cls)
+        header = _versions[cls] = None if v is None else str(v)
+        return header
 
 
 def type_of(value: object) -> str:

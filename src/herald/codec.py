@@ -37,10 +37,12 @@ __all__ = [
     "DecodeError",
     "Decoder",
     "Format",
+    "declared_version",
     "decoder_for",
     "encode",
     "encode_many",
     "event_type",
+    "schema_version",
     "type_name",
 ]
 
@@ -55,17 +57,23 @@ CONTENT_TYPES: dict[Format, str] = {"json": JSON, "msgpack": MSGPACK}
 T = TypeVar("T", bound=type)
 
 
-def event_type(name: str) -> Callable[[T], T]:
-    """Class decorator giving an event a stable wire name, independent of the Python class name.
+def event_type(name: str, *, version: int | None = None) -> Callable[[T], T]:
+    """Class decorator giving an event a stable wire name, independent of the Python class name,
+    and optionally its schema version (stored as ``__herald_version__``; see
+    :func:`schema_version`).
 
-    >>> @event_type("shop.OrderPlaced")
+    >>> @event_type("shop.OrderPlaced", version=2)
     ... class OrderPlaced(pydantic.BaseModel): ...
     """
     if not name or not isinstance(name, str):
         raise ValueError("event type name must be a non-empty string")
+    if version is not None:
+        _check_version(name, version)
 
     def apply(cls: T) -> T:
         cls.__herald_type__ = name  # type: ignore[attr-defined]
+        if version is not None:
+            cls.__herald_version__ = version  # type: ignore[attr-defined]
         return cls
 
     return apply
@@ -75,6 +83,30 @@ def type_name(cls: type) -> str:
     """The wire name of an event class."""
     name = cls.__dict__.get("__herald_type__")
     return name if isinstance(name, str) else cls.__name__
+
+
+def declared_version(cls: type) -> int | None:
+    """The schema version an event class declares (``event_type(..., version=N)`` or a
+    ``__herald_version__`` class attribute), or None if it declares none. Publishing sets the
+    ``schema_version`` header from it; a bad declaration raises ``TypeError``."""
+    v = getattr(cls, "__herald_version__", None)
+    if v is None:
+        return None
+    _check_version(cls.__qualname__, v)
+    return int(v)
+
+
+def schema_version(cls: type) -> int:
+    """The schema version of an event class: its declared version, default 1."""
+    v = declared_version(cls)
+    return 1 if v is None else v
+
+
+def _check_version(what: str, v: object) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise TypeError(
+            f"{what}: the schema version (__herald_version__) must be an int >= 1, got {v!r}"
+        )
 
 
 # --- encoding --------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ not started go back to the group when the subscription closes.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -56,6 +57,11 @@ __all__ = ["ConsumerStats", "GroupConsumer"]
 log = logging.getLogger("herald.consumer")
 
 _FETCH_TIMEOUT = 1.0  # seconds a fetch waits before re-checking for stop
+# distinct unhandled types counted (and warned about) per group: a producer sending a new
+# type per message must not grow memory without bound
+_MAX_TYPES = 256
+# messages whose first failure time is remembered across redeliveries, per group consumer
+_MAX_FAILING = 10_000
 
 
 @dataclass(slots=True)
@@ -68,6 +74,8 @@ class ConsumerStats:
     dead_lettered: int = 0
     unhandled: int = 0
     filtered: int = 0
+    #: messages of each type no handler of the group takes (at most _MAX_TYPES types tracked)
+    unhandled_types: dict[str, int] = field(default_factory=dict)
 
 
 class GroupConsumer:
@@ -99,8 +107,10 @@ class GroupConsumer:
         self._stopping = False
         self._sub: Subscription | None = None
         self._fetch_scope: anyio.CancelScope | None = None
-        # first failure time per message id, for the dead-letter headers; bounded by in-flight
-        self._first_failure: dict[str, str] = {}
+        # first failure time per message id (this consumer is one group), kept across
+        # redeliveries for the dead letter's dlq.first_failure_at; least recently failed
+        # entries are evicted past _MAX_FAILING, so memory stays bounded
+        self._first_failure: OrderedDict[str, str] = OrderedDict()
         handlers = spec.handlers
         # fast path: one handler and no filter needs no dispatch loop
         self._only = handlers[0] if len(handlers) == 1 and handlers[0].filter is None else None
@@ -324,8 +334,35 @@ class GroupConsumer:
         if type_known:
             self.stats.filtered += 1
         else:
-            self.stats.unhandled += 1
+            self._count_unhandled(msg)
         return None
+
+    def _count_unhandled(self, msg: Message) -> None:
+        """Count a message no handler takes; the first of each type is logged at WARNING
+        (a renamed producer class would otherwise vanish without a trace)."""
+        self.stats.unhandled += 1
+        per_type = self.stats.unhandled_types
+        t = msg.type or "-"
+        if t in per_type:
+            per_type[t] += 1
+            return
+        if len(per_type) >= _MAX_TYPES:
+            return  # counted in the total only; the first _MAX_TYPES types were logged
+        per_type[t] = 1
+        spec = self.spec
+        where = (
+            f"skipped to {skipped_topic(spec.topic, spec.group)}"
+            if self._skip_unhandled
+            else "acked and dropped"
+        )
+        log.warning(
+            "group %s on %s: no handler takes type %r; such messages are %s (logged once "
+            "per type, counted in stats.unhandled). If this group should handle it, add a "
+            "handler for that type (or a union annotation covering it, e.g. a renamed class); "
+            "to keep them, use App(unhandled=\"skip\")",
+            spec.group, spec.topic, t, where,
+            extra={"group": spec.group, "topic": spec.topic, "event_type": t},
+        )  # fmt: skip
 
     async def _handle(self, d: Delivery) -> bool:
         """Handle one delivery. True: ack it. False: it was nacked for redelivery."""
@@ -377,7 +414,7 @@ class GroupConsumer:
         msg = d.message
         retry = self.retry
         failures = 0
-        first_failure = self._first_failure.setdefault(msg.id, utc_now_rfc3339())
+        first_failure = self._remember_failure(msg.id)
         while True:
             failures += 1
             self.stats.failed_calls += 1
@@ -405,10 +442,21 @@ class GroupConsumer:
             h.name, d.attempt, msg.id, type(error).__name__, error, delay,
             extra={"correlation_id": msg.correlation_id, "first_failure_at": first_failure},
         )  # fmt: skip
-        self.stats.redelivered += 1
-        self._first_failure.pop(msg.id, None)
+        self.stats.redelivered += 1  # the first failure time is kept for the next delivery
         await self._sub_nack(d, delay)
         return False
+
+    def _remember_failure(self, message_id: str) -> str:
+        """The time ``message_id`` first failed in this group (now, if this is the first)."""
+        failures = self._first_failure
+        first = failures.get(message_id)
+        if first is None:
+            first = failures[message_id] = utc_now_rfc3339()
+            if len(failures) > _MAX_FAILING:
+                failures.popitem(last=False)
+        else:
+            failures.move_to_end(message_id)
+        return first
 
     async def _call(self, h: Handler, event: Any, d: Delivery) -> None:
         ctx = self._context(d) if h.wants_ctx or h.publishes else None

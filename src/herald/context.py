@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio.from_thread
 
 from herald.app_like import AppLike
 from herald.errors import CascadeLimitExceeded
-from herald.message import CAUSATION_ID, CORRELATION_ID, HOPS, Message
+from herald.message import (
+    CAUSATION_ID,
+    CORRELATION_ID,
+    HOPS,
+    OCCURRED_AT,
+    SCHEMA_VERSION,
+    Message,
+)
 from herald.scheduler import due_time, to_schedule
 
 __all__ = ["INHERIT", "Context", "InheritKey"]
@@ -58,6 +65,31 @@ class Context:
     @property
     def headers(self) -> Mapping[str, str]:
         return self.message.headers
+
+    @property
+    def occurred_at(self) -> datetime | None:
+        """When the event occurred, from the ``occurred_at`` header, as an aware UTC datetime.
+        None when the header is missing or not an RFC 3339 time with an offset (e.g. a plain
+        client's message): the broker's receive time is not the event's time, so none is
+        invented."""
+        raw = self.message.headers.get(OCCURRED_AT)
+        if not raw:
+            return None
+        try:
+            t = datetime.fromisoformat(raw)
+        except ValueError:
+            return None
+        return None if t.tzinfo is None else t.astimezone(UTC)
+
+    @property
+    def schema_version(self) -> int | None:
+        """The ``schema_version`` header (set on publish from the event class's declared
+        version, :func:`herald.codec.schema_version`), or None if missing or not an int >= 1."""
+        raw = self.message.headers.get(SCHEMA_VERSION)
+        if raw is None or not raw.isdigit():
+            return None
+        v = int(raw)
+        return v if v >= 1 else None
 
     @property
     def transaction(self) -> Any:

@@ -1,9 +1,9 @@
 """The event registry: which class an event type name decodes to, and the upcasters that turn
 old stored or received shapes into the current class.
 
-An event class's *schema version* is its ``__herald_version__`` class attribute (an int, 1 when
-absent). When a class changes shape, bump its version and register an upcaster from the old
-version::
+An event class's *schema version* is declared in the core (:func:`herald.codec.schema_version`:
+``event_type(name, version=N)`` or a ``__herald_version__`` class attribute, 1 when absent).
+When a class changes shape, bump its version and register an upcaster from the old version::
 
     registry = EventRegistry()
 
@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import msgspec
 import pydantic
 
-from herald.codec import type_name
+from herald.codec import schema_version, type_name  # the core owns the version declaration
 from herald.eventsourcing.errors import UnknownEvent
 
 __all__ = ["EventRegistry", "Upcaster", "schema_version"]
@@ -40,14 +40,6 @@ F = TypeVar("F", bound=Upcaster)
 _MSGPACK = "application/msgpack"
 _ANY_JSON = msgspec.json.Decoder()
 _ANY_MSGPACK = msgspec.msgpack.Decoder()
-
-
-def schema_version(cls: type) -> int:
-    """The schema version of an event class: ``__herald_version__``, default 1."""
-    v = getattr(cls, "__herald_version__", 1)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise TypeError(f"{cls.__qualname__}.__herald_version__ must be an int >= 1, got {v!r}")
-    return v
 
 
 class _ClassCodec:

@@ -405,7 +405,7 @@ async def test_delete_topic_from_a_fresh_process_finds_everything() -> None:
     objects = [
         ("exchange", topic),
         ("queue", group_queue(topic, group)),
-        ("queue", delay_queue(topic, group, delay_bucket(30))),
+        ("queue", delay_queue(group_queue(topic, group), delay_bucket(30))),
         ("queue", parked_name(topic)),
         ("exchange", dlq),
         ("queue", group_queue(dlq, "herald.dlq")),

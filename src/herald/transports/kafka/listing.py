@@ -63,9 +63,12 @@ async def groups(
             for group in response.groups:
                 # (error_code, group, state, protocol_type, protocol, members, ...)
                 members[group[1]] = len(group[5])
+    # Kafka group ids carry the topic (``<group>:<topic>``, see kafka/groups.py): show the
+    # Herald group name
+    suffix = f":{topic}"
     return [
         GroupInfo(
-            g,
+            g.removesuffix(suffix),
             lag=sum(max(0, ends[tp] - off) for tp, off in committed[g].items()),
             consumers=members.get(g),
         )
